@@ -1,0 +1,44 @@
+"""fastserial: a Rust-accelerated, drop-in replacement for ``torch.save`` / ``torch.load``.
+
+It reads and writes PyTorch's own zip checkpoint format, in both directions::
+
+    import fastserial
+    fastserial.save(model.state_dict(), "ckpt.pt")        # torch.load reads it
+    sd = fastserial.load("ckpt.pt", map_location="cpu")   # reads any torch.save file
+    sd = fastserial.load("big.pt", mmap=True)             # zero-copy
+
+torch is imported only when a torch function is used: ``fastserial.numpy`` works
+without it.
+"""
+
+from ._fastserial import CheckpointError, get_num_threads, set_num_threads
+from .location import register_package
+from .allowlist import add_safe_globals, clear_safe_globals, get_safe_globals, safe_globals
+from .serialization import (
+    DEFAULT_PROTOCOL,
+    LoadEndianness,
+    get_default_load_endianness,
+    load,
+    save,
+    set_default_load_endianness,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "save",
+    "load",
+    "CheckpointError",
+    "DEFAULT_PROTOCOL",
+    "LoadEndianness",
+    "get_default_load_endianness",
+    "set_default_load_endianness",
+    "register_package",
+    "add_safe_globals",
+    "get_safe_globals",
+    "clear_safe_globals",
+    "safe_globals",
+    "get_num_threads",
+    "set_num_threads",
+    "__version__",
+]

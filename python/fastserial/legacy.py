@@ -1,0 +1,351 @@
+"""The formats torch wrote before 1.6.
+
+* **legacy** (``_use_new_zipfile_serialization=False``): a sequence of pickles — magic
+  number, protocol version, system info, the object (storages as 6-tuple persistent
+  ids), the sorted storage keys — then each storage as an 8-byte little-endian element
+  count followed by its bytes.
+* **tar** (before 0.4): a tar archive with ``storages``, ``tensors`` and ``pickle``.
+
+Both load through the same allow-listed unpickler as zip checkpoints.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import struct
+import sys
+import tarfile
+from typing import Any
+
+from . import _fastserial as _native
+from .serialization import (
+    CheckpointError,
+    _atomic_ok,
+    _is_path,
+    _Opened,
+    _StorageType,
+    _TorchInfo,
+    _unpickler_class,
+    _unpickling_error,
+    _ZipLoader,
+)
+from . import location as _location
+
+MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
+PROTOCOL_VERSION = 1001
+_SYS_INFO = {
+    "protocol_version": PROTOCOL_VERSION,
+    "little_endian": sys.byteorder == "little",
+    "type_sizes": {"short": 2, "int": 4, "long": 4},
+}
+
+
+def _decode(value):
+    return value.decode("ascii") if isinstance(value, bytes) else value
+
+
+class _LegacyLoader(_ZipLoader):
+    """Unpickles legacy streams; shares find_class and the rebuild functions with the
+    zip loader, but storages are created eagerly and filled after the pickle."""
+
+    def __init__(self, opened: _Opened, map_location, pickle_module, weights_only, pickle_load_args):
+        self.info = _TorchInfo.get()
+        self.archive = None
+        self.file = opened.display
+        self.map_location = map_location
+        self.restore_location = _location.restore_location_fn(map_location)
+        self.lands_on_cpu = lambda location: False
+        self.is_meta = False
+        self.pickle_module = pickle_module
+        self.weights_only = weights_only
+        self.mmap = False
+        self.verify = False
+        self.pickle_load_args = pickle_load_args
+        self.mapping = None
+        self.swap = False
+        self.lazy = False
+        self.storages: dict[Any, Any] = {}
+        self.produced = self.consumed = 0
+        self.jobs: list = []
+        self._eager_records: list = []
+        # key -> (cpu storage to fill, storage that tensors use, dtype)
+        self.to_fill: dict[Any, tuple] = {}
+
+    def unpickle(self, stream, persistent_load=None):
+        unpickler = _unpickler_class(self.pickle_module)(
+            stream, loader=self, **self.pickle_load_args
+        )
+        if persistent_load is not None:
+            unpickler.persistent_load = persistent_load
+        try:
+            return unpickler.load()
+        except (CheckpointError, pickle.UnpicklingError):
+            raise
+        except EOFError as e:
+            raise CheckpointError(f"{self.file}: the legacy checkpoint ends early: {e}") from e
+
+    def legacy_persistent_load(self, saved_id):
+        info = self.info
+        if not isinstance(saved_id, tuple) or not saved_id:
+            raise _unpickling_error(f"{self.file}: unexpected persistent id {saved_id!r}")
+        typename = _decode(saved_id[0])
+        if typename == "module":
+            return saved_id[1]
+        if typename != "storage" or len(saved_id) != 6:
+            raise _unpickling_error(f"{self.file}: unknown persistent id type {typename!r}")
+        storage_type, root_key, location, numel, view_metadata = saved_id[1:]
+        location = _decode(location)
+        if storage_type is info.UntypedStorage:
+            dtype = info.uint8
+        elif type(storage_type) is _StorageType:
+            dtype = storage_type.dtype
+        else:
+            raise _unpickling_error(f"{self.file}: {storage_type!r} is not a storage type")
+        if type(numel) is not int or numel < 0:
+            raise _unpickling_error(f"{self.file}: storage declares {numel!r} elements")
+        itemsize = info.itemsize.get(dtype, 1)
+        if root_key not in self.storages:
+            cpu = info.UntypedStorage(numel * itemsize)
+            restored = self.restore_location(cpu, location)
+            typed = info.TypedStorage(wrap_storage=restored, dtype=dtype, _internal=True)
+            self.storages[root_key] = typed
+            self.to_fill[root_key] = (cpu, restored, dtype)
+        typed = self.storages[root_key]
+        if view_metadata is None:
+            return typed
+        view_key, offset, view_size = view_metadata
+        if view_key not in self.storages:
+            start = offset * itemsize
+            end = start + view_size * itemsize
+            if offset < 0 or view_size < 0 or end > typed._untyped_storage.nbytes():
+                raise CheckpointError(f"{self.file}: storage view {view_key!r} lies outside its storage")
+            self.storages[view_key] = info.TypedStorage(
+                wrap_storage=typed._untyped_storage[start:end], dtype=dtype, _internal=True
+            )
+        return self.storages[view_key]
+
+    def load_stream(self, f):
+        magic = self.unpickle(f)
+        if magic != MAGIC_NUMBER:
+            raise CheckpointError(
+                f"{self.file}: not a torch checkpoint (invalid magic number; corrupt file?)"
+            )
+        version = self.unpickle(f)
+        if version != PROTOCOL_VERSION:
+            raise CheckpointError(f"{self.file}: invalid legacy protocol version {version!r}")
+        self.unpickle(f)  # system info
+        result = self.unpickle(f, self.legacy_persistent_load)
+        keys = self.unpickle(f)
+        if not isinstance(keys, list):
+            raise CheckpointError(f"{self.file}: the storage key list is missing or malformed")
+        for key in keys:
+            if key not in self.to_fill:
+                raise CheckpointError(f"{self.file}: storage {key!r} is listed but never used")
+            cpu, restored, dtype = self.to_fill[key]
+            self._fill(f, key, cpu, self.info.itemsize.get(dtype, 1))
+            if restored is not cpu:
+                restored.copy_(cpu)
+        self.info.torch._utils._validate_loaded_sparse_tensors()
+        return result
+
+    def _fill(self, f, key, storage, itemsize: int) -> None:
+        header = f.read(8)
+        if len(header) != 8:
+            raise CheckpointError(f"{self.file}: storage {key!r}: the file ends before its data")
+        (count,) = struct.unpack("<q", header)
+        nbytes = storage.nbytes()
+        if count * itemsize != nbytes:
+            raise CheckpointError(
+                f"{self.file}: storage {key!r} holds {count} elements of {itemsize} bytes "
+                f"but the pickle declares {nbytes} bytes"
+            )
+        if nbytes == 0:
+            return
+        view = _writable_view(storage)
+        got = f.readinto(view)
+        if got != nbytes:
+            raise CheckpointError(
+                f"{self.file}: storage {key!r}: the file ends after {got} of its {nbytes} bytes"
+            )
+
+
+def _writable_view(storage) -> memoryview:
+    """A writable memoryview over a CPU storage's bytes."""
+    torch = _TorchInfo.get().torch
+    t = torch.empty((0,), dtype=torch.uint8).set_(storage)
+    return memoryview(t.numpy()).cast("B")
+
+
+def load_legacy(opened: _Opened, map_location, pickle_module, weights_only, pickle_load_args):
+    loader = _LegacyLoader(opened, map_location, pickle_module, weights_only, pickle_load_args)
+    return loader.load_stream(opened.stream)
+
+
+def load_tar(opened: _Opened, map_location, pickle_module, weights_only, pickle_load_args):
+    if weights_only:
+        raise RuntimeError(
+            f"{opened.display}: cannot use weights_only=True with files saved in the legacy "
+            ".tar format; load with weights_only=False only if you trust the file."
+        )
+    loader = _LegacyLoader(opened, map_location, pickle_module, weights_only, pickle_load_args)
+    info = loader.info
+    torch = info.torch
+    objects: dict[Any, Any] = {}
+    try:
+        tar = tarfile.open(fileobj=opened.stream, mode="r:", format=tarfile.PAX_FORMAT)
+    except tarfile.TarError as e:
+        raise CheckpointError(f"{opened.display}: unreadable tar checkpoint: {e}") from e
+    with tar:
+
+        def member(name: str):
+            try:
+                fh = tar.extractfile(name)
+            except KeyError:
+                fh = None
+            if fh is None:
+                raise CheckpointError(f"{opened.display}: record '{name}' is missing from the tar archive")
+            return io.BytesIO(fh.read())
+
+        storages = member("storages")
+        for _ in range(loader.unpickle(storages)):
+            key, location, storage_type = loader.unpickle(storages)
+            dtype = storage_type.dtype
+            (count,) = struct.unpack("<q", storages.read(8))
+            nbytes = count * info.itemsize.get(dtype, 1)
+            cpu = info.UntypedStorage(nbytes)
+            if nbytes and storages.readinto(_writable_view(cpu)) != nbytes:
+                raise CheckpointError(f"{opened.display}: storage {key!r} is truncated")
+            restored = loader.restore_location(cpu, _decode(location))
+            objects[key] = info.TypedStorage(wrap_storage=restored, dtype=dtype, _internal=True)
+        for target, root_key, offset, numel in loader.unpickle(storages):
+            root = objects[root_key]
+            size = info.itemsize.get(root.dtype, 1)
+            objects[target] = info.TypedStorage(
+                wrap_storage=root._untyped_storage[offset * size : (offset + numel) * size],
+                dtype=root.dtype,
+                _internal=True,
+            )
+        tensors = member("tensors")
+        for _ in range(loader.unpickle(tensors)):
+            key, storage_id, _tensor_type = loader.unpickle(tensors)
+            storage = objects[storage_id]
+            (ndim,) = struct.unpack("<i", tensors.read(4))
+            tensors.read(4)
+            size = struct.unpack(f"<{ndim}q", tensors.read(8 * ndim))
+            stride = struct.unpack(f"<{ndim}q", tensors.read(8 * ndim))
+            (offset,) = struct.unpack("<q", tensors.read(8))
+            objects[key] = torch.empty((0,), dtype=storage.dtype).set_(
+                storage._untyped_storage, offset, size, stride
+            )
+
+        def persistent_load(saved_id):
+            if isinstance(saved_id, tuple):
+                return saved_id[0]
+            return objects[int(saved_id)]
+
+        return loader.unpickle(member("pickle"), persistent_load)
+
+
+# --------------------------------------------------------------------------- legacy save
+
+
+def save_legacy(obj, f, pickle_module, pickle_protocol, fsync: bool = True) -> None:
+    """Writes the pre-1.6 format, which ``torch.load`` still reads."""
+    info = _TorchInfo.get()
+    torch = info.torch
+    serialized: dict[str, tuple[Any, Any]] = {}
+    dtype_by_ptr: dict[int, Any] = {}
+    containers: set = set()
+
+    def persistent_id(o):
+        if isinstance(o, type) and issubclass(o, torch.nn.Module):
+            if o in containers:
+                return None
+            containers.add(o)
+            return ("module", o, None, None)
+        if isinstance(o, info.TypedStorage) or type(o) in info.storage_classes:
+            if isinstance(o, info.TypedStorage):
+                storage = o._untyped_storage
+                dtype = o.dtype
+                storage_type = getattr(torch, o._pickle_storage_type())
+                numel = o._size()
+            else:
+                storage = o
+                dtype = info.uint8
+                storage_type = info.UntypedStorage
+                numel = storage.nbytes()
+            ptr = storage.data_ptr()
+            if ptr != 0 and dtype_by_ptr.setdefault(ptr, dtype) != dtype:
+                raise RuntimeError(
+                    "Cannot save multiple tensors or storages that view the same data as different types"
+                )
+            key = str(storage._cdata)
+            serialized.setdefault(key, (storage, dtype))
+            return ("storage", storage_type, key, _location.location_tag(storage), numel, None)
+        return None
+
+    class LegacyPickler(pickle_module.Pickler):  # type: ignore[misc,name-defined]
+        def persistent_id(self, o):
+            return persistent_id(o)
+
+    body = io.BytesIO()
+    pickle_module.dump(MAGIC_NUMBER, body, protocol=pickle_protocol)
+    pickle_module.dump(PROTOCOL_VERSION, body, protocol=pickle_protocol)
+    pickle_module.dump(_SYS_INFO, body, protocol=pickle_protocol)
+    LegacyPickler(body, protocol=pickle_protocol).dump(obj)
+    keys = sorted(serialized)
+    pickle_module.dump(keys, body, protocol=pickle_protocol)
+
+    def chunks():
+        yield body.getbuffer()
+        for key in keys:
+            storage, dtype = serialized[key]
+            itemsize = info.itemsize.get(dtype, 1)
+            cpu = storage if storage.device.type == "cpu" else storage.cpu()
+            yield struct.pack("<q", cpu.nbytes() // itemsize)
+            if cpu.nbytes():
+                data = torch.empty((0,), dtype=torch.uint8).set_(cpu)
+                yield memoryview(data.numpy()).cast("B")
+
+    if _is_path(f):
+        _write_atomically(os.fspath(f), chunks(), fsync)
+    else:
+        for chunk in chunks():
+            f.write(chunk)
+        if hasattr(f, "flush"):
+            f.flush()
+
+
+def _write_atomically(path: str, chunks, fsync: bool) -> None:
+    """Temp file beside ``path``, fsync, rename: the same guarantee as zip saves."""
+    if not _atomic_ok(path):
+        with open(path, "wb") as fh:
+            for chunk in chunks:
+                fh.write(chunk)
+        return
+    directory = os.path.dirname(os.path.abspath(path))
+    temp = os.path.join(
+        directory, f".{os.path.basename(path)}{_native.TEMP_MARKER}{os.getpid()}-legacy"
+    )
+    try:
+        with open(temp, "wb") as fh:
+            for chunk in chunks:
+                fh.write(chunk)
+            fh.flush()
+            if fsync:
+                os.fsync(fh.fileno())
+        os.replace(temp, path)
+        if fsync:
+            dir_fd = os.open(directory, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+    except BaseException:
+        try:
+            os.remove(temp)
+        except FileNotFoundError:
+            pass
+        raise

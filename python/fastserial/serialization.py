@@ -1,0 +1,1151 @@
+"""``save`` / ``load``: PyTorch's zip checkpoint format through fastserial's native core.
+
+Saving pickles the object with Python's C pickler. Plain tensors take a fast
+``reducer_override`` path that writes exactly what ``Tensor.__reduce_ex__`` writes,
+and every storage is written once, straight from its memory, by the native writer.
+
+Loading scans the pickle natively first (globals, memo bounds), then unpickles it
+with the C unpickler. When the pickle only uses inert globals (the state-dict case),
+tensors are built directly at their final size with no intermediate storage object,
+and all storage bytes are read afterwards in one native call on several threads
+with the GIL released.
+"""
+
+from __future__ import annotations
+
+import _compat_pickle
+import io
+import os
+import pickle
+import sys
+import threading
+import warnings
+from collections import OrderedDict
+from enum import Enum
+from typing import IO, Any, BinaryIO, Callable, Optional, Union
+
+from . import _fastserial as _native
+from . import location as _location
+from . import allowlist as _safe
+from ._fastserial import CheckpointError
+
+__all__ = [
+    "save",
+    "load",
+    "CheckpointError",
+    "LoadEndianness",
+    "get_default_load_endianness",
+    "set_default_load_endianness",
+    "DEFAULT_PROTOCOL",
+]
+
+DEFAULT_PROTOCOL = 2
+FileLike = Union[str, os.PathLike, BinaryIO, IO[bytes]]
+
+_ZIP_MAGIC = b"PK\x03\x04"
+_EMPTY_ZIP_MAGIC = b"PK\x05\x06"
+
+
+# --------------------------------------------------------------------------- endianness
+
+
+class LoadEndianness(Enum):
+    """Byte order assumed for checkpoints that carry no ``byteorder`` record."""
+
+    NATIVE = 1
+    LITTLE = 2
+    BIG = 3
+
+
+_default_load_endianness: Optional[LoadEndianness] = None
+
+
+def get_default_load_endianness() -> Optional[LoadEndianness]:
+    """The byte order assumed for files without a ``byteorder`` record (``None``: little)."""
+    return _default_load_endianness
+
+
+def set_default_load_endianness(endianness: Optional[LoadEndianness]) -> None:
+    """Sets the byte order assumed for files without a ``byteorder`` record."""
+    global _default_load_endianness
+    if endianness is not None and not isinstance(endianness, LoadEndianness):
+        raise TypeError("endianness must be None or a fastserial.LoadEndianness")
+    _default_load_endianness = endianness
+
+
+def _assumed_byteorder() -> str:
+    setting = _default_load_endianness
+    if setting is None and "torch" in sys.modules:
+        # Honour torch's own setting for drop-in users who configured torch.
+        torch_setting = sys.modules["torch"].serialization.get_default_load_endianness()
+        if torch_setting is not None:
+            setting = LoadEndianness[torch_setting.name]
+    if setting is None or setting is LoadEndianness.LITTLE:
+        return "little"
+    if setting is LoadEndianness.BIG:
+        return "big"
+    return sys.byteorder
+
+
+# --------------------------------------------------------------------------- torch helpers
+
+
+def _torch():
+    import torch
+
+    return torch
+
+
+class _TorchInfo:
+    """Per-process lookups into torch, computed once."""
+
+    _instance: Optional["_TorchInfo"] = None
+    _lock = threading.Lock()
+
+    def __init__(self) -> None:
+        torch = _torch()
+        self.torch = torch
+        self.Tensor = torch.Tensor
+        self.UntypedStorage = torch.UntypedStorage
+        self.TypedStorage = torch.storage.TypedStorage
+        self.strided = torch.strided
+        self.uint8 = torch.uint8
+        self.v3_dtypes = frozenset(torch.storage._new_dtypes())
+        self.storage_name_by_dtype = dict(torch.storage._dtype_to_storage_type_map())
+        self.dtype_by_storage_name = {v: k for k, v in self.storage_name_by_dtype.items()}
+        self.storage_class_by_dtype = {
+            dt: getattr(torch, name) for dt, name in self.storage_name_by_dtype.items()
+        }
+        self.storage_classes = frozenset(torch._storage_classes)
+        self.itemsize = {
+            dt: dt.itemsize for dt in list(self.storage_name_by_dtype) + list(self.v3_dtypes)
+        }
+        self.complex_dtypes = frozenset(
+            dt for dt in (torch.complex32, torch.complex64, torch.complex128)
+        )
+        self.get_tensor_metadata = torch._C._get_tensor_metadata
+        self.set_tensor_metadata = torch._utils.set_tensor_metadata
+        self.rebuild_tensor_v2 = torch._utils._rebuild_tensor_v2
+        self.rebuild_tensor_v3 = torch._utils._rebuild_tensor_v3
+        self.empty = torch.empty
+        self.empty_strided = torch.empty_strided
+        self.frombuffer = torch.frombuffer
+
+    @classmethod
+    def get(cls) -> "_TorchInfo":
+        if cls._instance is None:
+            with cls._lock:
+                if cls._instance is None:
+                    cls._instance = _TorchInfo()
+        return cls._instance
+
+    def swap_size(self, dtype) -> int:
+        """Element size to byte-swap by: complex numbers swap per component."""
+        size = self.itemsize.get(dtype, 1)
+        return size // 2 if dtype in self.complex_dtypes else size
+
+
+class _StorageType:
+    """What a legacy storage class (``torch.FloatStorage``) unpickles to: its dtype."""
+
+    __slots__ = ("name", "dtype")
+
+    def __init__(self, name: str, dtype) -> None:
+        self.name = name
+        self.dtype = dtype
+
+    def __repr__(self) -> str:
+        return f"StorageType(dtype={self.dtype})"
+
+
+# --------------------------------------------------------------------------- opening files
+
+
+def _is_path(f) -> bool:
+    return isinstance(f, (str, os.PathLike))
+
+
+def _display_name(f) -> str:
+    if _is_path(f):
+        return os.fspath(f) if isinstance(os.fspath(f), str) else repr(f)
+    name = getattr(f, "name", None)
+    if isinstance(name, str):
+        return name
+    return f"<{type(f).__name__}>"
+
+
+class _Opened:
+    """A checkpoint opened for reading: a zip ``Archive`` or a legacy byte stream."""
+
+    def __init__(self, kind: str, display: str, archive=None, stream=None, closer=None):
+        self.kind = kind
+        self.display = display
+        self.archive = archive
+        self.stream = stream
+        self._closer = closer
+
+    def close(self) -> None:
+        self.archive = None
+        if self._closer is not None:
+            self._closer()
+            self._closer = None
+
+
+def _sniff(head: bytes) -> str:
+    if head[:4] in (_ZIP_MAGIC, _EMPTY_ZIP_MAGIC):
+        return "zip"
+    if len(head) >= 262 and head[257:262] == b"ustar":
+        return "tar"
+    return "legacy"
+
+
+def _open_checkpoint(f, mmap: bool) -> _Opened:
+    display = _display_name(f)
+    if _is_path(f):
+        path = os.fspath(f)
+        with open(path, "rb") as fh:
+            head = fh.read(512)
+        if not head:
+            raise CheckpointError(f"{display}: the file is empty, not a checkpoint")
+        kind = _sniff(head)
+        if kind == "zip":
+            return _Opened("zip", display, archive=_native.Archive.open_path(path, mmap=mmap))
+        fh = open(path, "rb")
+        return _Opened(kind, display, stream=fh, closer=fh.close)
+
+    if not hasattr(f, "read"):
+        raise TypeError(
+            f"expected a path or a file-like object with read(), got {type(f).__name__}"
+        )
+    if isinstance(f, io.BytesIO):
+        start = f.tell()
+        view = f.getbuffer()
+        head = bytes(view[start : start + 512])
+        if not head:
+            view.release()
+            raise CheckpointError(f"{display}: the buffer is empty, not a checkpoint")
+        kind = _sniff(head)
+        if kind == "zip":
+            try:
+                archive = _native.Archive.open_buffer(view[start:], display)
+            finally:
+                view.release()
+            f.seek(0, io.SEEK_END)
+            return _Opened("zip", display, archive=archive)
+        view.release()
+        return _Opened(kind, display, stream=f)
+
+    seekable = getattr(f, "seekable", lambda: False)()
+    fileno = None
+    if seekable:
+        try:
+            fileno = f.fileno()
+        except (AttributeError, OSError, io.UnsupportedOperation):
+            fileno = None
+    if fileno is not None and f.tell() == 0:
+        head = f.read(512)
+        f.seek(0)
+        if not head:
+            raise CheckpointError(f"{display}: the file is empty, not a checkpoint")
+        kind = _sniff(head)
+        if kind == "zip":
+            archive = _native.Archive.open_fd(os.dup(fileno), display, mmap=mmap)
+            f.seek(0, io.SEEK_END)
+            return _Opened("zip", display, archive=archive)
+        return _Opened(kind, display, stream=f)
+
+    # Any other stream (gzip, sockets, custom readers): read it whole.
+    data = f.read()
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"{display}: read() returned {type(data).__name__}, expected bytes")
+    if not data:
+        raise CheckpointError(f"{display}: the stream is empty, not a checkpoint")
+    kind = _sniff(bytes(data[:512]))
+    if kind == "zip":
+        return _Opened("zip", display, archive=_native.Archive.open_buffer(data, display))
+    return _Opened(kind, display, stream=io.BytesIO(data))
+
+
+# --------------------------------------------------------------------------- load
+
+
+#: Globals whose calls never read tensor data: while a pickle uses only these, tensors
+#: may be built before their bytes arrive (all bytes are read once, at the end).
+_INERT_GLOBALS = frozenset(
+    {
+        "collections.OrderedDict",
+        "collections.Counter",
+        "torch._utils._rebuild_tensor",
+        "torch._utils._rebuild_tensor_v2",
+        "torch._utils._rebuild_tensor_v3",
+        "torch._utils._rebuild_parameter",
+        "torch._utils._rebuild_parameter_with_state",
+        "torch._utils._rebuild_qtensor",
+        "torch._utils._rebuild_meta_tensor_no_storage",
+        "torch.nn.parameter.Parameter",
+        "torch.Size",
+        "torch.device",
+        "torch.serialization._get_layout",
+        "_codecs.encode",
+        "builtins.set",
+        "builtins.frozenset",
+        "builtins.bytearray",
+        "builtins.complex",
+        "torch.UntypedStorage",
+        "torch.storage.UntypedStorage",
+    }
+)
+
+_MODULE_RENAMES = {"torch.tensor": "torch._tensor"}
+
+
+class _Retry(Exception):
+    """Internal: a lazily built load found a storage used outside a tensor rebuild."""
+
+
+class _PendingStorage:
+    """A storage named by the pickle whose memory is created with its first tensor."""
+
+    __slots__ = ("key", "record", "dtype", "nbytes", "storage", "swap", "swapped")
+
+    def __init__(self, key, record, dtype, nbytes, swap):
+        self.key = key
+        self.record = record
+        self.dtype = dtype
+        self.nbytes = nbytes
+        self.storage = None
+        self.swap = swap
+        self.swapped = False
+
+
+def _unpickling_error(msg: str) -> pickle.UnpicklingError:
+    return pickle.UnpicklingError(msg)
+
+
+class _ZipLoader:
+    """One load of one zip checkpoint."""
+
+    def __init__(
+        self,
+        opened: _Opened,
+        map_location,
+        pickle_module,
+        weights_only: bool,
+        mmap: bool,
+        verify: bool,
+        pickle_load_args: dict,
+    ) -> None:
+        self.info = _TorchInfo.get()
+        self.archive = opened.archive
+        self.file = opened.display
+        self.map_location = map_location
+        self.restore_location = _location.restore_location_fn(map_location)
+        self.lands_on_cpu = _location.cpu_predicate(map_location)
+        self.is_meta = _is_meta_location(map_location)
+        self.pickle_module = pickle_module
+        self.weights_only = weights_only
+        self.mmap = mmap
+        self.verify = verify
+        self.pickle_load_args = pickle_load_args
+        self.mapping = self.archive.mapping if mmap else None
+        self._eager_records: list[str] = []
+
+    # -- record helpers
+
+    def _fail(self, what: str) -> CheckpointError:
+        return CheckpointError(f"{self.file}: {what}")
+
+    def _byteorder(self) -> str:
+        if self.archive.has("byteorder"):
+            value = self.archive.read("byteorder")
+            if value not in (b"little", b"big"):
+                raise self._fail(
+                    f"record '{self.archive.prefix}/byteorder' holds {value[:20]!r}; "
+                    "expected b'little' or b'big'"
+                )
+            return value.decode()
+        return _assumed_byteorder()
+
+    def load(self):
+        archive = self.archive
+        if not archive.has("data.pkl"):
+            if archive.has("constants.pkl"):
+                raise self._fail(
+                    "this is a TorchScript archive, not a torch.save checkpoint; "
+                    "use torch.jit.load"
+                )
+            raise self._fail(f"record '{archive.prefix}/data.pkl' is missing from the archive")
+        data = archive.read("data.pkl")  # CRC32 always checked
+        scan = _native.scan_pickle(data, f"{self.file}: record '{archive.prefix}/data.pkl'")
+        if self.weights_only and scan["unsafe_opcodes"]:
+            raise _unpickling_error(
+                f"{self.file}: weights-only load refuses pickle opcodes "
+                f"{', '.join(scan['unsafe_opcodes'])}"
+            )
+        self.swap = self._byteorder() != sys.byteorder
+        globals_used = {f"{m}.{n}" for m, n in scan["globals"]}
+        lazy = (
+            not scan["persistent_id_reused"]
+            and not self.is_meta
+            and all(g in _INERT_GLOBALS or _is_storage_global(g) or _is_dtype_global(g) for g in globals_used)
+        )
+        if lazy:
+            try:
+                return self._run(data, lazy=True)
+            except _Retry:
+                pass
+        return self._run(data, lazy=False)
+
+    def _run(self, data: bytes, lazy: bool):
+        self.lazy = lazy
+        self.storages: dict[str, Any] = {}
+        self.produced = 0
+        self.consumed = 0
+        self.jobs: list[tuple[str, int, int, int]] = []
+        self.keepalive: list = []
+        unpickler = _unpickler_class(self.pickle_module)(
+            io.BytesIO(data), loader=self, **self.pickle_load_args
+        )
+        unpickler.persistent_load = self.persistent_load
+        try:
+            result = unpickler.load()
+        except (_Retry, CheckpointError, pickle.UnpicklingError):
+            raise
+        except RecursionError:
+            raise
+        except (EOFError, ValueError, KeyError, IndexError, TypeError, AttributeError, struct_error) as e:
+            if self.weights_only:
+                raise _unpickling_error(
+                    f"{self.file}: weights-only load failed while unpickling "
+                    f"'{self.archive.prefix}/data.pkl': {type(e).__name__}: {e}"
+                ) from e
+            raise
+        if lazy and self.produced != self.consumed:
+            raise _Retry()
+        if self.jobs:
+            self.archive.read_into(self.jobs, verify=self.verify)
+        self.jobs = []
+        self.keepalive = []
+        if self.verify and self.mmap:
+            self._verify_mapped()
+        self.info.torch._utils._validate_loaded_sparse_tensors()
+        return result
+
+    def _verify_mapped(self) -> None:
+        names = [s.record for s in self.storages.values() if isinstance(s, _PendingStorage)]
+        names += [n for n in self._eager_records]
+        failures = self.archive.verify(sorted(set(names)))
+        if failures:
+            record, problem = failures[0]
+            raise self._fail(f"record '{record}' failed verification: {problem}")
+
+    # -- persistent ids
+
+    def persistent_load(self, saved_id):
+        if type(saved_id) is not tuple or len(saved_id) != 5:
+            raise _unpickling_error(
+                f"{self.file}: unexpected persistent id {str(saved_id)[:80]!r} "
+                "(expected ('storage', type, key, location, numel))"
+            )
+        typename, storage_type, key, location, numel = saved_id
+        if isinstance(typename, bytes):
+            typename = typename.decode("ascii", "replace")
+        if typename != "storage":
+            raise _unpickling_error(
+                f"{self.file}: unknown persistent id type {typename!r}, expected 'storage'"
+            )
+        entry = self.storages.get(key)
+        if entry is not None:
+            if type(entry) is _PendingStorage:
+                self.produced += 1
+            return entry
+        info = self.info
+        if storage_type is info.UntypedStorage:
+            dtype = info.uint8
+        elif type(storage_type) is _StorageType:
+            dtype = storage_type.dtype
+        else:
+            raise _unpickling_error(
+                f"{self.file}: persistent id names {storage_type!r}, which is not a storage type"
+            )
+        if not isinstance(key, str):
+            raise _unpickling_error(f"{self.file}: storage key {key!r} is not a string")
+        if isinstance(location, bytes):
+            location = location.decode("ascii", "replace")
+        if type(numel) is not int or numel < 0:
+            raise _unpickling_error(f"{self.file}: storage '{key}' declares {numel!r} elements")
+        record = f"data/{key}"
+        if not self.archive.has(record):
+            raise self._fail(f"record '{self.archive.prefix}/{record}' is missing from the archive")
+        nbytes = numel * info.itemsize.get(dtype, 1)
+        size = self.archive.info(record)[1]
+        if size != nbytes:
+            raise self._fail(
+                f"record '{self.archive.prefix}/{record}' holds {size} bytes but the pickle "
+                f"declares {numel} elements of {dtype} ({nbytes} bytes)"
+            )
+        swap = info.swap_size(dtype) if self.swap else 0
+        if self.lazy and self.lands_on_cpu(location):
+            entry = _PendingStorage(key, record, dtype, nbytes, swap)
+            self.produced += 1
+        else:
+            entry = self._eager_storage(record, dtype, nbytes, swap, location)
+        self.storages[key] = entry
+        return entry
+
+    def _eager_storage(self, record: str, dtype, nbytes: int, swap: int, location: str):
+        info = self.info
+        if self.is_meta:
+            untyped = info.UntypedStorage(nbytes, device="meta")
+        else:
+            untyped = self._cpu_storage(record, nbytes, swap)
+            untyped = self.restore_location(untyped, location)
+        typed = info.TypedStorage(wrap_storage=untyped, dtype=dtype, _internal=True)
+        typed._fastserial_swapped = swap > 1 or not self.swap
+        return typed
+
+    def _cpu_storage(self, record: str, nbytes: int, swap: int):
+        """A CPU storage holding the record's bytes (mapped when mmap=True)."""
+        info = self.info
+        if nbytes == 0:
+            return info.UntypedStorage(0)
+        if self.mapping is not None:
+            self._eager_records.append(record)
+            return self._mapped_tensor(record, info.uint8, nbytes, swap).untyped_storage()
+        untyped = info.UntypedStorage(nbytes)
+        self.archive.read_into([(record, untyped.data_ptr(), nbytes, swap)], verify=self.verify)
+        return untyped
+
+    def _mapped_tensor(self, record: str, dtype, count_bytes: int, swap: int):
+        """A 1-D tensor over the record's bytes: a view of the mapping when possible,
+        otherwise (compressed, byte-swapped, misaligned) an owned aligned copy."""
+        info = self.info
+        offset, size, _crc, compressed = self.archive.info(record)
+        itemsize = info.itemsize.get(dtype, 1)
+        count = count_bytes // itemsize
+        if compressed or swap > 1 or offset % max(itemsize, 1):
+            buffer = self.archive.read_buffer(record, swap=swap, verify=self.verify)
+            return info.frombuffer(buffer, dtype=dtype, count=count)
+        return info.frombuffer(self.mapping, dtype=dtype, count=count, offset=offset)
+
+    # -- tensor rebuilds (what find_class returns for torch's _rebuild_* functions)
+
+    def _check_view(self, nbytes: int, itemsize: int, offset, size, stride, what: str):
+        if type(offset) is not int or offset < 0 or len(size) != len(stride):
+            raise self._fail(
+                f"{what}: invalid view (offset {offset!r}, size {tuple(size)!r}, stride {tuple(stride)!r})"
+            )
+        extent = offset
+        for n, s in zip(size, stride):
+            if type(n) is not int or type(s) is not int or n < 0 or s < 0:
+                raise self._fail(
+                    f"{what}: invalid view (size {tuple(size)!r}, stride {tuple(stride)!r})"
+                )
+            if n == 0:
+                return
+            extent += (n - 1) * s
+        if (extent + 1) * itemsize > nbytes:
+            raise self._fail(
+                f"{what}: tensor view (offset {offset}, size {tuple(size)}, stride {tuple(stride)}) "
+                f"reaches past the end of its {nbytes}-byte storage"
+            )
+
+    def _tensor_from_pending(self, pending: _PendingStorage, dtype, offset, size, stride):
+        info = self.info
+        itemsize = info.itemsize.get(dtype, 1)
+        self._check_view(
+            pending.nbytes, itemsize, offset, size, stride,
+            f"record '{self.archive.prefix}/{pending.record}'",
+        )
+        self.consumed += 1
+        if pending.storage is None:
+            numel = pending.nbytes // itemsize
+            swap = pending.swap and info.swap_size(dtype)
+            dense = offset == 0 and numel * itemsize == pending.nbytes and _is_dense(size, stride, numel)
+            if self.mapping is not None:
+                if dense and pending.nbytes:
+                    t = self._mapped_tensor(pending.record, dtype, pending.nbytes, swap)
+                    if len(size) != 1 or size[0] != numel or stride[0] != 1:
+                        t.as_strided_(size, stride, 0)
+                    pending.storage = t.untyped_storage()
+                    return t
+                pending.storage = self._cpu_storage(pending.record, pending.nbytes, swap)
+            elif dense and pending.nbytes:
+                t = info.empty_strided(size, stride, dtype=dtype)
+                pending.storage = t.untyped_storage()
+                self.jobs.append((pending.record, t.data_ptr(), pending.nbytes, swap))
+                return t
+            else:
+                pending.storage = info.UntypedStorage(pending.nbytes)
+                if pending.nbytes:
+                    self.jobs.append(
+                        (pending.record, pending.storage.data_ptr(), pending.nbytes, swap)
+                    )
+        return info.empty((0,), dtype=dtype).set_(pending.storage, offset, size, stride)
+
+    def _tensor_from_typed(self, typed, dtype, offset, size, stride):
+        info = self.info
+        untyped = typed._untyped_storage
+        if not getattr(typed, "_fastserial_swapped", True) and untyped.device.type == "cpu":
+            # An untyped storage from a foreign-endian file: swap by the tensor's dtype.
+            _native.byteswap_address(untyped.data_ptr(), untyped.nbytes(), info.swap_size(dtype))
+            typed._fastserial_swapped = True
+        if untyped.device.type != "meta":
+            self._check_view(
+                untyped.nbytes(), info.itemsize.get(dtype, 1), offset, size, stride,
+                f"{self.file}: a storage",
+            )
+        return info.empty((0,), dtype=dtype, device=untyped.device).set_(
+            untyped, offset, size, stride
+        )
+
+    def _finish_tensor(self, t, requires_grad, backward_hooks, metadata):
+        if requires_grad:
+            t.requires_grad = True
+        if metadata:
+            self.info.set_tensor_metadata(t, metadata)
+        if backward_hooks:
+            t._backward_hooks = backward_hooks
+        return t
+
+    def rebuild_tensor_v2(self, storage, storage_offset, size, stride, requires_grad,
+                          backward_hooks, metadata=None):
+        if type(storage) is _PendingStorage:
+            t = self._tensor_from_pending(storage, storage.dtype, storage_offset, size, stride)
+        elif isinstance(storage, self.info.TypedStorage):
+            t = self._tensor_from_typed(storage, storage.dtype, storage_offset, size, stride)
+        else:
+            raise _unpickling_error(
+                f"{self.file}: _rebuild_tensor_v2 received {type(storage).__name__}, not a storage"
+            )
+        return self._finish_tensor(t, requires_grad, backward_hooks, metadata)
+
+    def rebuild_tensor_v3(self, storage, storage_offset, size, stride, requires_grad,
+                          backward_hooks, dtype, metadata=None):
+        if type(dtype) is not type(self.info.uint8):
+            raise _unpickling_error(f"{self.file}: _rebuild_tensor_v3 dtype is {dtype!r}")
+        if type(storage) is _PendingStorage:
+            t = self._tensor_from_pending(storage, dtype, storage_offset, size, stride)
+        elif isinstance(storage, self.info.TypedStorage):
+            t = self._tensor_from_typed(storage, dtype, storage_offset, size, stride)
+        else:
+            raise _unpickling_error(
+                f"{self.file}: _rebuild_tensor_v3 received {type(storage).__name__}, not a storage"
+            )
+        return self._finish_tensor(t, requires_grad, backward_hooks, metadata)
+
+    def rebuild_tensor(self, storage, storage_offset, size, stride):
+        return self.rebuild_tensor_v2(storage, storage_offset, size, stride, False, None)
+
+    def materialize(self, storage):
+        """A real TypedStorage for a pending one (for functions that take storages)."""
+        if type(storage) is not _PendingStorage:
+            return storage
+        self.consumed += 1
+        if storage.storage is None:
+            if self.mapping is not None:
+                storage.storage = self._cpu_storage(storage.record, storage.nbytes, storage.swap)
+            else:
+                storage.storage = self.info.UntypedStorage(storage.nbytes)
+                if storage.nbytes:
+                    self.jobs.append(
+                        (storage.record, storage.storage.data_ptr(), storage.nbytes, storage.swap)
+                    )
+        typed = self.info.TypedStorage(
+            wrap_storage=storage.storage, dtype=storage.dtype, _internal=True
+        )
+        return typed
+
+    def rebuild_qtensor(self, storage, *args):
+        return self.info.torch._utils._rebuild_qtensor(self.materialize(storage), *args)
+
+    # -- globals
+
+    def find_class(self, module: str, name: str, proto: int, fix_imports: bool):
+        if proto < 3 and fix_imports:
+            if (module, name) in _compat_pickle.NAME_MAPPING:
+                module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+            elif module in _compat_pickle.IMPORT_MAPPING:
+                module = _compat_pickle.IMPORT_MAPPING[module]
+        module = _MODULE_RENAMES.get(module, module)
+        full = f"{module}.{name}"
+        if module == "torch" and name.endswith("Storage"):
+            info = self.info
+            if name == "UntypedStorage":
+                return info.UntypedStorage
+            dtype = info.dtype_by_storage_name.get(name)
+            if dtype is not None:
+                return _StorageType(name, dtype)
+        if module == "torch.storage" and name in ("UntypedStorage", "TypedStorage"):
+            return getattr(self.info.torch.storage, name)
+        override = self._override(full)
+        if self.weights_only:
+            if module.split(".")[0] in _safe.BLOCKED_MODULES:
+                raise _unpickling_error(_refusal(self.file, full, blocked=True))
+            obj = _safe.builtin_safe_globals().get(full)
+            if obj is None:
+                obj = _safe.user_safe_globals().get(full)
+            if obj is None:
+                raise _unpickling_error(_refusal(self.file, full))
+            return override or obj
+        return override
+
+    def _override(self, full: str):
+        if full == "torch._utils._rebuild_tensor_v2":
+            return self.rebuild_tensor_v2
+        if full == "torch._utils._rebuild_tensor_v3":
+            return self.rebuild_tensor_v3
+        if full == "torch._utils._rebuild_tensor":
+            return self.rebuild_tensor
+        if full == "torch._utils._rebuild_qtensor":
+            return self.rebuild_qtensor
+        return None
+
+
+def _refusal(file: str, full: str, blocked: bool = False) -> str:
+    if blocked:
+        return (
+            f"{file}: weights-only load refused global '{full}': its module can never be "
+            "allowed. The file may be malicious; do not load it with weights_only=False "
+            "unless you trust its source."
+        )
+    return (
+        f"{file}: weights-only load refused global '{full}' (GLOBAL {full} is not an "
+        "allowed global). If you trust this checkpoint, allow it with "
+        f"fastserial.add_safe_globals([{full}]) or the fastserial.safe_globals([...]) "
+        "context manager, or load with weights_only=False (which runs arbitrary code "
+        "from the file)."
+    )
+
+
+def _is_storage_global(full: str) -> bool:
+    return full.startswith("torch.") and full.endswith("Storage") and full.count(".") == 1
+
+
+def _is_dtype_global(full: str) -> bool:
+    if not full.startswith("torch.") or full.count(".") != 1:
+        return False
+    import torch
+
+    return isinstance(getattr(torch, full[6:], None), torch.dtype)
+
+
+try:
+    from struct import error as struct_error
+except ImportError:  # pragma: no cover
+    struct_error = ValueError  # type: ignore[misc,assignment]
+
+
+def _is_dense(size, stride, numel: int) -> bool:
+    """True when (size, stride) covers exactly ``numel`` elements with no gaps or
+    overlaps (row-major or any permutation of it), so it owns its whole storage."""
+    if len(size) == 1:
+        return size[0] == numel and (stride[0] == 1 or numel <= 1)
+    expected = 1
+    for n, s in sorted(zip(size, stride), key=lambda p: p[1]):
+        if n == 1:
+            continue
+        if s != expected:
+            return False
+        expected *= n
+    return expected == numel
+
+
+def _is_meta_location(map_location) -> bool:
+    if map_location is None:
+        return False
+    if isinstance(map_location, str):
+        return map_location == "meta"
+    torch = _torch()
+    if isinstance(map_location, torch.device):
+        return map_location.type == "meta"
+    return False
+
+
+_unpickler_classes: dict = {}
+_unpickler_lock = threading.Lock()
+
+
+def _unpickler_class(pickle_module):
+    """An Unpickler subclass of ``pickle_module.Unpickler`` that asks the loader for
+    every global (cached per pickle module)."""
+    module = pickle_module if pickle_module is not None else pickle
+    cls = _unpickler_classes.get(module)
+    if cls is not None:
+        return cls
+    base = module.Unpickler
+
+    class Unpickler(base):  # type: ignore[misc,valid-type]
+        def __init__(self, file, *, loader, **kwargs):
+            super().__init__(file, **kwargs)
+            self._loader = loader
+            self._fix_imports = kwargs.get("fix_imports", True)
+
+        def find_class(self, module_name, name):
+            found = self._loader.find_class(
+                module_name, name, getattr(self, "proto", 2), self._fix_imports
+            )
+            if found is not None:
+                return found
+            return super().find_class(_MODULE_RENAMES.get(module_name, module_name), name)
+
+    with _unpickler_lock:
+        _unpickler_classes[module] = Unpickler
+    return Unpickler
+
+
+def _weights_only_default(weights_only, pickle_module) -> bool:
+    truthy = ("1", "y", "yes", "true")
+    force_on = os.getenv("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "0").lower() in truthy
+    force_off = os.getenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "0").lower() in truthy
+    if force_on and force_off:
+        raise RuntimeError(
+            "Only one of TORCH_FORCE_WEIGHTS_ONLY_LOAD or TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD "
+            "should be set, but both were set."
+        )
+    if force_on:
+        return True
+    if weights_only is None:
+        if force_off:
+            return False
+        return pickle_module is None
+    return bool(weights_only)
+
+
+def load(
+    f: FileLike,
+    map_location=None,
+    pickle_module=None,
+    *,
+    weights_only: Optional[bool] = None,
+    mmap: Optional[bool] = None,
+    verify: bool = False,
+    **pickle_load_args: Any,
+):
+    """Loads an object saved with ``torch.save`` or :func:`fastserial.save`.
+
+    Drop-in for ``torch.load``: the same arguments and defaults (``weights_only``
+    defaults to True unless ``pickle_module`` is given). Extras:
+
+    * ``verify=True`` checks the CRC32 of every record, so corrupted data raises
+      :class:`CheckpointError` instead of loading as wrong values. ``data.pkl`` is
+      always checked.
+    * ``mmap=True`` also works for file objects and in-memory buffers (buffers are
+      read eagerly), and for legacy files (read eagerly).
+    """
+    weights_only = _weights_only_default(weights_only, pickle_module)
+    if weights_only:
+        if pickle_module is not None:
+            raise RuntimeError(
+                "Can not safely load weights when explicit pickle_module is specified"
+            )
+    elif pickle_module is None:
+        pickle_module = pickle
+    if weights_only and set(pickle_load_args) - {"encoding", "errors", "fix_imports"}:
+        warnings.warn("pickle_load_args only works if `weights_only=False`.", stacklevel=2)
+        pickle_load_args = {
+            k: v for k, v in pickle_load_args.items() if k in ("encoding", "errors", "fix_imports")
+        }
+    pickle_load_args.setdefault("encoding", "utf-8")
+    mmap = bool(mmap)
+
+    if _is_path(f) and os.fspath(f).endswith(".safetensors"):
+        return _load_safetensors(os.fspath(f), map_location)
+
+    opened = _open_checkpoint(f, mmap)
+    try:
+        if opened.kind == "zip":
+            loader = _ZipLoader(
+                opened, map_location, pickle_module, weights_only, mmap, verify, pickle_load_args
+            )
+            return loader.load()
+        from . import legacy
+
+        if opened.kind == "tar":
+            return legacy.load_tar(opened, map_location, pickle_module, weights_only, pickle_load_args)
+        return legacy.load_legacy(opened, map_location, pickle_module, weights_only, pickle_load_args)
+    finally:
+        opened.close()
+
+
+def _load_safetensors(path: str, map_location):
+    try:
+        import safetensors.torch
+    except ImportError as e:  # pragma: no cover - depends on environment
+        raise RuntimeError(
+            "Attempting to load a safetensors file but safetensors is not installed. "
+            "Please install safetensors with: pip install safetensors"
+        ) from e
+    device = "cpu"
+    if map_location is not None:
+        if isinstance(map_location, (str, bytes)):
+            device = map_location.decode() if isinstance(map_location, bytes) else map_location
+        elif isinstance(map_location, _torch().device):
+            device = str(map_location)
+        else:
+            raise RuntimeError(
+                "Loading a safetensors file supports only a device string or torch.device "
+                "as map_location."
+            )
+    return safetensors.torch.load_file(path, device=device)
+
+
+# --------------------------------------------------------------------------- save
+
+
+class _StorageRef:
+    """Stands for a storage in the pickle stream; persistent_id turns it into its id."""
+
+    __slots__ = ("pid",)
+
+    def __init__(self, pid):
+        self.pid = pid
+
+
+class _SaveState:
+    """The storages one save has met, in first-seen order, keyed like torch."""
+
+    def __init__(self) -> None:
+        self.info = _TorchInfo.get()
+        self.refs: dict[int, _StorageRef] = {}
+        self.storages: dict[str, Any] = {}
+        self.dtype_by_ptr: dict[int, Any] = {}
+
+    def _check_dtype(self, untyped, dtype) -> None:
+        if untyped.device.type == "meta":
+            return
+        ptr = untyped.data_ptr()
+        if ptr == 0:
+            return
+        seen = self.dtype_by_ptr.setdefault(ptr, dtype)
+        if seen != dtype:
+            raise RuntimeError(
+                "Cannot save multiple tensors or storages that view the same data as different types"
+            )
+
+    def ref_for_tensor(self, untyped, dtype) -> _StorageRef:
+        cdata = untyped._cdata
+        ref = self.refs.get(cdata)
+        if ref is not None:
+            pid = ref.pid
+            if pid[1] is not self.info.UntypedStorage and self.info.storage_class_by_dtype.get(dtype) is not pid[1]:
+                self._check_dtype(untyped, dtype)
+            return ref
+        self._check_dtype(untyped, dtype)
+        info = self.info
+        key = str(len(self.storages))
+        if dtype in info.v3_dtypes:
+            pid = ("storage", info.UntypedStorage, key, _location.location_tag(untyped), untyped.nbytes())
+        else:
+            pid = (
+                "storage",
+                info.storage_class_by_dtype[dtype],
+                key,
+                _location.location_tag(untyped),
+                untyped.nbytes() // info.itemsize[dtype],
+            )
+        ref = _StorageRef(pid)
+        self.refs[cdata] = ref
+        self.storages[key] = untyped
+        return ref
+
+    def pid_for_storage(self, obj):
+        """torch's persistent_id for TypedStorage / UntypedStorage objects."""
+        info = self.info
+        if isinstance(obj, info.TypedStorage):
+            untyped = obj._untyped_storage
+            dtype = obj.dtype
+            storage_type = getattr(info.torch, obj._pickle_storage_type())
+            numel = obj._size()
+        else:
+            untyped = obj
+            dtype = info.uint8
+            storage_type = info.UntypedStorage
+            numel = untyped.nbytes()
+        self._check_dtype(untyped, dtype)
+        cdata = untyped._cdata
+        ref = self.refs.get(cdata)
+        if ref is not None:
+            key = ref.pid[2]
+        else:
+            key = str(len(self.storages))
+            self.refs[cdata] = _StorageRef(("storage", storage_type, key, None, numel))
+            self.storages[key] = untyped
+        fake = getattr(obj, "_fake_device", None)
+        location = str(fake) if fake is not None else _location.location_tag(untyped)
+        return ("storage", storage_type, key, location, numel)
+
+
+_pickler_classes: dict = {}
+
+
+def _pickler_class(pickle_module):
+    cls = _pickler_classes.get(pickle_module)
+    if cls is not None:
+        return cls
+    info = _TorchInfo.get()
+    Tensor = info.Tensor
+    storage_classes = info.storage_classes
+    TypedStorage = info.TypedStorage
+    strided = info.strided
+    v3_dtypes = info.v3_dtypes
+    get_metadata = info.get_tensor_metadata
+    rebuild_v2 = info.rebuild_tensor_v2
+    rebuild_v3 = info.rebuild_tensor_v3
+    base = pickle_module.Pickler
+
+    class Pickler(base):  # type: ignore[misc,valid-type]
+        def __init__(self, file, protocol, state: _SaveState):
+            super().__init__(file, protocol)
+            self._state = state
+
+        def persistent_id(self, obj):
+            t = type(obj)
+            if t is _StorageRef:
+                return obj.pid
+            if t in storage_classes or isinstance(obj, TypedStorage):
+                return self._state.pid_for_storage(obj)
+            return None
+
+        def reducer_override(self, obj):
+            # Exactly what Tensor.__reduce_ex__ returns for a plain dense tensor without
+            # Python state or hooks, minus its per-tensor TypedStorage construction.
+            if type(obj) is not Tensor:
+                return NotImplemented
+            if (
+                obj.layout is not strided
+                or obj.is_quantized
+                or obj.is_nested
+                or obj.__dict__
+                or obj._backward_hooks
+                or not (obj.is_cpu or obj.is_cuda)
+            ):
+                return NotImplemented
+            dtype = obj.dtype
+            ref = self._state.ref_for_tensor(obj.untyped_storage(), dtype)
+            args = (
+                ref,
+                obj.storage_offset(),
+                tuple(obj.size()),
+                obj.stride(),
+                obj.requires_grad,
+                OrderedDict(),
+            )
+            metadata = get_metadata(obj)
+            if dtype in v3_dtypes:
+                args = args + (dtype,)
+                func = rebuild_v3
+            else:
+                func = rebuild_v2
+            if metadata:
+                args = args + (metadata,)
+            return (func, args)
+
+    if not hasattr(base, "reducer_override") and base is not pickle.Pickler:
+        # Very old pickle modules never call reducer_override; persistent_id still works
+        # because Tensor.__reduce_ex__ hands us TypedStorage objects.
+        pass
+    _pickler_classes[pickle_module] = Pickler
+    return Pickler
+
+
+def _archive_prefix(path: str) -> str:
+    """torch's archive folder name for a path: the basename up to its first dot."""
+    base = os.path.basename(path.replace("\\", "/"))
+    stem = base.split(".", 1)[0]
+    return stem or "archive"
+
+
+def _atomic_ok(path: str) -> bool:
+    """Atomic replacement needs a regular file (or none) at ``path``."""
+    try:
+        import stat
+
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+
+
+def save(
+    obj: object,
+    f: FileLike,
+    pickle_module: Any = pickle,
+    pickle_protocol: int = DEFAULT_PROTOCOL,
+    *,
+    _use_new_zipfile_serialization: bool = True,
+    _disable_byteorder_record: bool = False,
+    fsync: bool = True,
+) -> None:
+    """Saves ``obj`` in torch's checkpoint format; ``torch.load`` reads the result.
+
+    Drop-in for ``torch.save``. Saving to a path is atomic: the checkpoint is written
+    to a temporary file beside the target, flushed, fsynced (``fsync=False`` skips
+    this durability step, not the atomicity) and renamed over the target, so a crash
+    at any moment leaves the previous checkpoint or the new one, whole.
+    """
+    if not _use_new_zipfile_serialization:
+        from . import legacy
+
+        return legacy.save_legacy(obj, f, pickle_module, pickle_protocol, fsync=fsync)
+    if _is_path(f):
+        path = os.fspath(f)
+        if isinstance(path, bytes):
+            path = os.fsdecode(path)
+        if os.path.isdir(path):
+            raise IsADirectoryError(f"{path}: is a directory; expected a checkpoint file path")
+        target: Any = path
+        prefix = _archive_prefix(path)
+        atomic = _atomic_ok(path)
+    else:
+        if not hasattr(f, "write"):
+            raise AttributeError(
+                f"expected 'f' to be string, path, or a file-like object with a 'write' "
+                f"attribute, got {type(f).__name__}"
+            )
+        target, prefix, atomic = f, "archive", False
+
+    state = _SaveState()
+    buf = io.BytesIO()
+    _pickler_class(pickle_module)(buf, pickle_protocol, state).dump(obj)
+    pickled = buf.getbuffer()
+
+    writer = _native.ArchiveWriter(target, prefix, atomic=atomic) if _is_path(f) else _native.ArchiveWriter(target, prefix)
+    try:
+        writer.write_record("data.pkl", pickled)
+        writer.write_record(".format_version", b"1")
+        writer.write_record(".storage_alignment", b"64")
+        if not _disable_byteorder_record:
+            writer.write_record("byteorder", sys.byteorder.encode())
+        _write_storages(writer, state.storages)
+        writer.write_record("version", b"3\n")
+        writer.write_record(".data/serialization_id", writer.serialization_id().encode())
+        writer.finish(fsync=fsync)
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        pickled.release()
+
+
+def _write_storages(writer, storages: dict) -> None:
+    """CPU storages go to the writer in one native call straight from their memory;
+    device storages are copied to the CPU one at a time, so at most one is staged."""
+    batch: list[tuple[str, int, int]] = []
+    for key, untyped in storages.items():
+        name = f"data/{key}"
+        nbytes = untyped.nbytes()
+        if untyped.device.type == "cpu":
+            batch.append((name, untyped.data_ptr(), nbytes))
+            continue
+        if batch:
+            writer.write_storages(batch)
+            batch = []
+        if untyped.device.type == "meta":
+            raise RuntimeError(f"cannot save the data of meta storage '{key}': it has none")
+        cpu = untyped.cpu()
+        writer.write_storages([(name, cpu.data_ptr(), nbytes)])
+        del cpu
+    if batch:
+        writer.write_storages(batch)

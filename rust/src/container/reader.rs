@@ -1,0 +1,688 @@
+//! Reads a checkpoint's zip container: end records (zip64 too), central directory,
+//! local headers, and record data — STORED zero-copy or through `pread`, DEFLATE
+//! decompressed. Every offset and size is checked against the source's length before
+//! it is used, so a malformed archive is an `Error`, never a panic or a wild read.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::unix::fs::FileExt;
+
+use super::spec::*;
+use crate::endian::byteswap_in_place;
+use crate::error::{Error, Result};
+
+/// Random-access bytes: a file read with `pread`, or memory (an mmap, a buffer).
+pub trait Source: Send + Sync {
+    fn len(&self) -> u64;
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// The whole source as memory, when it is memory-backed (zero-copy reads).
+    fn as_slice(&self) -> Option<&[u8]> {
+        None
+    }
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A file read with positioned reads; never mapped, so a file truncated under us
+/// gives an I/O error rather than SIGBUS.
+pub struct FileSource {
+    file: File,
+    len: u64,
+}
+
+impl FileSource {
+    pub fn new(file: File) -> io::Result<Self> {
+        let len = file.metadata()?.len();
+        Ok(FileSource { file, len })
+    }
+}
+
+impl Source for FileSource {
+    fn len(&self) -> u64 {
+        self.len
+    }
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.file.read_exact_at(buf, offset)
+    }
+}
+
+/// Any owned memory (a `Vec`, an mmap, a Python buffer wrapped by the binding).
+pub struct MemorySource<T: AsRef<[u8]> + Send + Sync>(pub T);
+
+impl<T: AsRef<[u8]> + Send + Sync> Source for MemorySource<T> {
+    fn len(&self) -> u64 {
+        self.0.as_ref().len() as u64
+    }
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let src = self.0.as_ref();
+        let start = usize::try_from(offset).map_err(|_| io::ErrorKind::UnexpectedEof)?;
+        let end = start
+            .checked_add(buf.len())
+            .filter(|&e| e <= src.len())
+            .ok_or(io::ErrorKind::UnexpectedEof)?;
+        buf.copy_from_slice(&src[start..end]);
+        Ok(())
+    }
+    fn as_slice(&self) -> Option<&[u8]> {
+        Some(self.0.as_ref())
+    }
+}
+
+/// How a record's bytes are stored in the archive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    Stored,
+    Deflated,
+}
+
+/// One record (zip entry) of the archive, with its data located.
+#[derive(Debug, Clone)]
+pub struct Record {
+    /// Full entry name, top folder included.
+    pub name: String,
+    pub compression: Compression,
+    pub crc32: u32,
+    pub compressed_size: u64,
+    pub size: u64,
+    pub header_offset: u64,
+    /// File offset of the first data byte (resolved from the local header).
+    pub data_offset: u64,
+}
+
+/// Limits that keep hostile archives from making us allocate or loop without bound.
+pub const MAX_ENTRIES: u64 = 1 << 26;
+const MAX_EOCD_SEARCH: u64 = (END_OF_CENTRAL_DIRECTORY_SIZE + u16::MAX as usize) as u64;
+/// Local headers are read in windows of this size, so many small records cost few reads.
+const HEADER_WINDOW: usize = 1 << 20;
+
+/// An opened checkpoint container.
+pub struct Archive {
+    source: Box<dyn Source>,
+    records: Vec<Record>,
+    /// Record index by name *without* the top folder (e.g. `data/0`).
+    by_name: HashMap<String, usize>,
+    prefix: String,
+}
+
+impl std::fmt::Debug for Archive {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Archive")
+            .field("prefix", &self.prefix)
+            .field("records", &self.records.len())
+            .finish()
+    }
+}
+
+fn malformed(msg: impl Into<String>) -> Error {
+    Error::Malformed(msg.into())
+}
+
+fn read_vec(source: &dyn Source, offset: u64, len: usize, what: &str) -> Result<Vec<u8>> {
+    let end = offset.checked_add(len as u64);
+    if end.is_none_or(|e| e > source.len()) {
+        return Err(malformed(format!(
+            "{what} at offset {offset} (+{len} bytes) lies past the end of the file ({} bytes); the file is truncated or corrupted",
+            source.len()
+        )));
+    }
+    let mut buf = vec![0u8; len];
+    source
+        .read_exact_at(&mut buf, offset)
+        .map_err(|e| Error::io(format!("reading {what}"), e))?;
+    Ok(buf)
+}
+
+/// Zip64 values that replace 0xFFFF_FFFF fields, in the order the spec gives.
+fn apply_zip64_extra(
+    extra: &[u8],
+    size: &mut u64,
+    csize: &mut u64,
+    offset: &mut u64,
+    name: &str,
+) -> Result<()> {
+    let mut r = Le::new(extra);
+    while r.remaining() >= 4 {
+        let id = r.u16().unwrap_or(0);
+        let len = r.u16().unwrap_or(0) as usize;
+        let body = r
+            .bytes(len)
+            .ok_or_else(|| Error::bad_record(name, "extra field runs past its header"))?;
+        if id != ZIP64_EXTRA_ID {
+            continue;
+        }
+        let mut z = Le::new(body);
+        let short = || Error::bad_record(name, "zip64 extra field is too short");
+        if *size == U32_SENTINEL as u64 {
+            *size = z.u64().ok_or_else(short)?;
+        }
+        if *csize == U32_SENTINEL as u64 {
+            *csize = z.u64().ok_or_else(short)?;
+        }
+        if *offset == U32_SENTINEL as u64 {
+            *offset = z.u64().ok_or_else(short)?;
+        }
+        return Ok(());
+    }
+    Ok(())
+}
+
+impl Archive {
+    /// Parses the container's directory from `source`.
+    pub fn open(source: Box<dyn Source>) -> Result<Archive> {
+        let len = source.len();
+        if len < END_OF_CENTRAL_DIRECTORY_SIZE as u64 {
+            return Err(malformed(format!(
+                "the file is {len} bytes, too short to be a zip archive"
+            )));
+        }
+        // 1. The end-of-central-directory record, searched backwards over any comment.
+        let search = MAX_EOCD_SEARCH.min(len);
+        let tail = read_vec(&*source, len - search, search as usize, "end of archive")?;
+        let eocd_pos_in_tail = (0..=tail.len() - END_OF_CENTRAL_DIRECTORY_SIZE)
+            .rev()
+            .find(|&i| {
+                tail[i..i + 4] == END_OF_CENTRAL_DIRECTORY_SIGNATURE.to_le_bytes()
+                    && EndOfCentralDirectory::parse(&tail[i..]).is_some_and(|e| {
+                        i + END_OF_CENTRAL_DIRECTORY_SIZE + e.comment_len as usize == tail.len()
+                    })
+            })
+            .ok_or_else(|| {
+                malformed("no end-of-central-directory record: not a zip file, or truncated")
+            })?;
+        let eocd_pos = len - search + eocd_pos_in_tail as u64;
+        let eocd = EndOfCentralDirectory::parse(&tail[eocd_pos_in_tail..])
+            .ok_or_else(|| malformed("unreadable end-of-central-directory record"))?;
+
+        let mut entries = eocd.entries as u64;
+        let mut cd_size = eocd.cd_size as u64;
+        let mut cd_offset = eocd.cd_offset as u64;
+        let mut cd_limit = eocd_pos;
+
+        // 2. The zip64 locator just before it, when present.
+        if eocd_pos >= ZIP64_END_OF_CENTRAL_DIRECTORY_LOCATOR_SIZE as u64 {
+            let loc_pos = eocd_pos - ZIP64_END_OF_CENTRAL_DIRECTORY_LOCATOR_SIZE as u64;
+            let loc = read_vec(
+                &*source,
+                loc_pos,
+                ZIP64_END_OF_CENTRAL_DIRECTORY_LOCATOR_SIZE,
+                "zip64 locator",
+            )?;
+            let mut r = Le::new(&loc);
+            if r.u32() == Some(ZIP64_END_OF_CENTRAL_DIRECTORY_LOCATOR_SIGNATURE) {
+                let _disk = r.u32();
+                let z_pos = r.u64().unwrap_or(u64::MAX);
+                if z_pos > loc_pos.saturating_sub(ZIP64_END_OF_CENTRAL_DIRECTORY_SIZE as u64) {
+                    return Err(malformed(format!(
+                        "zip64 end record offset {z_pos} is out of bounds"
+                    )));
+                }
+                let z = read_vec(
+                    &*source,
+                    z_pos,
+                    ZIP64_END_OF_CENTRAL_DIRECTORY_SIZE,
+                    "zip64 end record",
+                )?;
+                let mut r = Le::new(&z);
+                if r.u32() != Some(ZIP64_END_OF_CENTRAL_DIRECTORY_SIGNATURE) {
+                    return Err(malformed("zip64 end record has a bad signature"));
+                }
+                let _size = r.u64();
+                let _made = r.u16();
+                let _need = r.u16();
+                let _disk = r.u32();
+                let _cd_disk = r.u32();
+                let _here = r.u64();
+                let z_entries = r.u64().unwrap_or(0);
+                let z_cd_size = r.u64().unwrap_or(0);
+                let z_cd_offset = r.u64().unwrap_or(0);
+                if eocd.entries == U16_SENTINEL || z_entries > entries {
+                    entries = z_entries;
+                }
+                if eocd.cd_size == U32_SENTINEL || z_cd_size > cd_size {
+                    cd_size = z_cd_size;
+                }
+                if eocd.cd_offset == U32_SENTINEL || z_cd_offset > cd_offset {
+                    cd_offset = z_cd_offset;
+                }
+                cd_limit = z_pos;
+            }
+        }
+
+        // 3. The central directory must lie before the end records, and be able to
+        //    hold the declared number of entries — checked before allocating for them.
+        let cd_end = cd_offset
+            .checked_add(cd_size)
+            .filter(|&e| e <= cd_limit)
+            .ok_or_else(|| {
+                malformed(format!(
+                    "central directory (offset {cd_offset}, {cd_size} bytes) lies outside the file; the file is truncated or corrupted"
+                ))
+            })?;
+        let _ = cd_end;
+        if entries > MAX_ENTRIES || entries * CENTRAL_DIRECTORY_HEADER_SIZE as u64 > cd_size {
+            return Err(Error::LimitExceeded(format!(
+                "the archive declares {entries} entries, more than its {cd_size}-byte central directory can hold"
+            )));
+        }
+        if entries == 0 {
+            return Err(malformed("the archive has no records"));
+        }
+        let cd = read_vec(&*source, cd_offset, cd_size as usize, "central directory")?;
+
+        let mut records = Vec::with_capacity(entries as usize);
+        let mut pos = 0usize;
+        for i in 0..entries {
+            let head = cd.get(pos..pos + CENTRAL_DIRECTORY_HEADER_SIZE).ok_or_else(|| {
+                malformed(format!("central directory entry {i} runs past the directory"))
+            })?;
+            let h = CentralHeader::parse(head).ok_or_else(|| {
+                malformed(format!("central directory entry {i} has a bad signature"))
+            })?;
+            pos += CENTRAL_DIRECTORY_HEADER_SIZE;
+            let var_len = h.name_len as usize + h.extra_len as usize + h.comment_len as usize;
+            let var = cd.get(pos..pos + var_len).ok_or_else(|| {
+                malformed(format!("central directory entry {i} runs past the directory"))
+            })?;
+            pos += var_len;
+            let name = String::from_utf8_lossy(&var[..h.name_len as usize]).into_owned();
+            let extra = &var[h.name_len as usize..h.name_len as usize + h.extra_len as usize];
+            let mut size = h.uncompressed_size as u64;
+            let mut csize = h.compressed_size as u64;
+            let mut offset = h.local_header_offset as u64;
+            apply_zip64_extra(extra, &mut size, &mut csize, &mut offset, &name)?;
+            if h.flags & FLAG_ENCRYPTED != 0 {
+                return Err(Error::bad_record(&name, "record is encrypted"));
+            }
+            let compression = match h.method {
+                METHOD_STORED => Compression::Stored,
+                METHOD_DEFLATED => Compression::Deflated,
+                m => {
+                    return Err(Error::bad_record(
+                        &name,
+                        format!("unsupported compression method {m} (only stored and deflate are readable)"),
+                    ))
+                }
+            };
+            if compression == Compression::Stored && csize != size {
+                return Err(Error::bad_record(
+                    &name,
+                    format!("stored record declares {csize} bytes stored but {size} bytes of data"),
+                ));
+            }
+            records.push(Record {
+                name,
+                compression,
+                crc32: h.crc32,
+                compressed_size: csize,
+                size,
+                header_offset: offset,
+                data_offset: 0,
+            });
+        }
+
+        // 4. Local headers: data starts after the header's own name and extra field.
+        resolve_data_offsets(&*source, &mut records, cd_offset)?;
+
+        // 5. Names, relative to the archive's single top folder.
+        let prefix = match records[0].name.split_once('/') {
+            Some((p, _)) => p.to_string(),
+            None => {
+                return Err(malformed(format!(
+                    "first record '{}' is not inside a top folder; not a torch checkpoint",
+                    records[0].name
+                )))
+            }
+        };
+        let mut by_name = HashMap::with_capacity(records.len());
+        let plen = prefix.len() + 1;
+        for (i, r) in records.iter().enumerate() {
+            if r.name.len() > plen
+                && r.name.as_bytes()[prefix.len()] == b'/'
+                && r.name.starts_with(&prefix)
+            {
+                by_name.insert(r.name[plen..].to_string(), i);
+            }
+        }
+        Ok(Archive {
+            source,
+            records,
+            by_name,
+            prefix,
+        })
+    }
+
+    /// The archive's top folder name (`archive` for buffers, the file stem for paths).
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    pub fn records(&self) -> &[Record] {
+        &self.records
+    }
+
+    pub fn source(&self) -> &dyn Source {
+        &*self.source
+    }
+
+    /// Looks a record up by its name inside the top folder (`data.pkl`, `data/3`).
+    pub fn get(&self, name: &str) -> Option<&Record> {
+        self.by_name.get(name).map(|&i| &self.records[i])
+    }
+
+    pub fn require(&self, name: &str) -> Result<&Record> {
+        self.get(name)
+            .ok_or_else(|| Error::MissingRecord(format!("{}/{}", self.prefix, name)))
+    }
+
+    /// Names inside the top folder, in archive order.
+    pub fn names(&self) -> Vec<&str> {
+        let plen = self.prefix.len() + 1;
+        self.records
+            .iter()
+            .filter(|r| self.get(&r.name[plen.min(r.name.len())..]).is_some())
+            .map(|r| &r.name[plen..])
+            .collect()
+    }
+
+    /// The record's stored bytes, zero-copy, when the source is memory and the record
+    /// is not compressed.
+    pub fn stored_slice(&self, rec: &Record) -> Option<&[u8]> {
+        if rec.compression != Compression::Stored {
+            return None;
+        }
+        let mem = self.source.as_slice()?;
+        let start = usize::try_from(rec.data_offset).ok()?;
+        mem.get(start..start.checked_add(usize::try_from(rec.size).ok()?)?)
+    }
+
+    /// Reads a whole record into a new vector (small records: the pickle, metadata).
+    pub fn read(&self, rec: &Record, verify_crc: bool) -> Result<Vec<u8>> {
+        let len = usize::try_from(rec.size)
+            .map_err(|_| Error::bad_record(&rec.name, "record too large for this machine"))?;
+        if rec.compression == Compression::Stored && rec.size > self.source.len() {
+            return Err(Error::bad_record(
+                &rec.name,
+                format!("declares {} bytes, more than the whole file", rec.size),
+            ));
+        }
+        let mut buf = vec![0u8; len];
+        self.read_into(rec, &mut buf, verify_crc)?;
+        Ok(buf)
+    }
+
+    /// Reads a record's (decompressed) bytes into `dst`, which must be exactly its size.
+    pub fn read_into(&self, rec: &Record, dst: &mut [u8], verify_crc: bool) -> Result<()> {
+        if dst.len() as u64 != rec.size {
+            return Err(Error::bad_record(
+                &rec.name,
+                format!("record holds {} bytes but {} were expected", rec.size, dst.len()),
+            ));
+        }
+        match rec.compression {
+            Compression::Stored => {
+                self.source
+                    .read_exact_at(dst, rec.data_offset)
+                    .map_err(|e| Error::io(format!("reading record '{}'", rec.name), e))?;
+            }
+            Compression::Deflated => self.inflate_into(rec, dst)?,
+        }
+        if verify_crc {
+            check_crc(rec, dst)?;
+        }
+        Ok(())
+    }
+
+    fn inflate_into(&self, rec: &Record, dst: &mut [u8]) -> Result<()> {
+        let compressed = match self.source.as_slice() {
+            Some(mem) => std::borrow::Cow::Borrowed(
+                &mem[rec.data_offset as usize..(rec.data_offset + rec.compressed_size) as usize],
+            ),
+            None => std::borrow::Cow::Owned(read_vec(
+                &*self.source,
+                rec.data_offset,
+                usize::try_from(rec.compressed_size).map_err(|_| {
+                    Error::bad_record(&rec.name, "compressed record too large for this machine")
+                })?,
+                &format!("record '{}'", rec.name),
+            )?),
+        };
+        let mut dec = flate2::read::DeflateDecoder::new(&compressed[..]);
+        dec.read_exact(dst).map_err(|e| {
+            Error::bad_record(&rec.name, format!("deflate data is corrupted: {e}"))
+        })?;
+        let mut probe = [0u8; 1];
+        if dec.read(&mut probe).unwrap_or(0) != 0 {
+            return Err(Error::bad_record(
+                &rec.name,
+                "deflate data decompresses to more bytes than the record declares",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Reads many records into caller buffers on `threads` threads, swapping bytes
+    /// to native order by `swap` element size (0 or 1: none). Big records are split
+    /// into pieces so one huge tensor still uses every thread.
+    pub fn read_many_into(
+        &self,
+        jobs: Vec<ReadJob<'_>>,
+        threads: usize,
+        verify_crc: bool,
+    ) -> Result<()> {
+        const PIECE: usize = 8 << 20;
+        let mut pieces: Vec<Piece<'_>> = Vec::new();
+        for job in jobs {
+            let rec = job.record;
+            if job.dst.len() as u64 != rec.size {
+                return Err(Error::bad_record(
+                    &rec.name,
+                    format!(
+                        "record holds {} bytes but the pickle declares {}",
+                        rec.size,
+                        job.dst.len()
+                    ),
+                ));
+            }
+            // Whole-record pieces when we must see all bytes at once (CRC, deflate).
+            if rec.compression == Compression::Deflated || verify_crc || job.dst.len() <= PIECE {
+                pieces.push(Piece {
+                    record: rec,
+                    offset: 0,
+                    dst: job.dst,
+                    swap: job.swap,
+                    whole: true,
+                });
+            } else {
+                let mut off = 0u64;
+                for chunk in job.dst.chunks_mut(PIECE) {
+                    let n = chunk.len() as u64;
+                    pieces.push(Piece {
+                        record: rec,
+                        offset: off,
+                        dst: chunk,
+                        swap: job.swap,
+                        whole: false,
+                    });
+                    off += n;
+                }
+            }
+        }
+        let threads = threads.max(1).min(pieces.len().max(1));
+        if threads <= 1 {
+            return pieces.into_iter().try_for_each(|p| self.read_piece(p, verify_crc));
+        }
+        // Greedy balance by bytes: biggest piece to the least-loaded thread.
+        pieces.sort_by_key(|p| std::cmp::Reverse(p.dst.len()));
+        let mut lanes: Vec<(usize, Vec<Piece<'_>>)> = (0..threads).map(|_| (0, Vec::new())).collect();
+        for p in pieces {
+            let lane = lanes.iter_mut().min_by_key(|l| l.0).expect("threads >= 1");
+            lane.0 += p.dst.len();
+            lane.1.push(p);
+        }
+        std::thread::scope(|s| {
+            let handles: Vec<_> = lanes
+                .into_iter()
+                .map(|(_, lane)| {
+                    s.spawn(move || lane.into_iter().try_for_each(|p| self.read_piece(p, verify_crc)))
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|_| Err(Error::Usage("reader thread panicked".into()))))
+                .collect::<Result<Vec<()>>>()
+                .map(|_| ())
+        })
+    }
+
+    fn read_piece(&self, p: Piece<'_>, verify_crc: bool) -> Result<()> {
+        if p.whole {
+            self.read_into(p.record, p.dst, verify_crc)?;
+        } else {
+            self.source
+                .read_exact_at(p.dst, p.record.data_offset + p.offset)
+                .map_err(|e| Error::io(format!("reading record '{}'", p.record.name), e))?;
+        }
+        if p.swap > 1 {
+            byteswap_in_place(p.dst, p.swap)
+                .map_err(|m| Error::bad_record(&p.record.name, m))?;
+        }
+        Ok(())
+    }
+
+    /// Checks one record's CRC32 against the central directory.
+    pub fn verify_record(&self, rec: &Record) -> Result<()> {
+        if let Some(bytes) = self.stored_slice(rec) {
+            return check_crc(rec, bytes);
+        }
+        // Stream through a bounded buffer so verifying a huge record stays small.
+        if rec.compression == Compression::Stored {
+            let mut hasher = crc32fast::Hasher::new();
+            let mut buf = vec![0u8; (4usize << 20).min(rec.size as usize)];
+            let mut off = 0u64;
+            while off < rec.size {
+                let n = ((rec.size - off) as usize).min(buf.len());
+                self.source
+                    .read_exact_at(&mut buf[..n], rec.data_offset + off)
+                    .map_err(|e| Error::io(format!("reading record '{}'", rec.name), e))?;
+                hasher.update(&buf[..n]);
+                off += n as u64;
+            }
+            let got = hasher.finalize();
+            if got != rec.crc32 {
+                return Err(crc_error(rec, got));
+            }
+            return Ok(());
+        }
+        self.read(rec, true).map(|_| ())
+    }
+}
+
+/// One record to read into a caller buffer, with the element size to byte-swap by.
+pub struct ReadJob<'a> {
+    pub record: &'a Record,
+    pub dst: &'a mut [u8],
+    pub swap: usize,
+}
+
+struct Piece<'a> {
+    record: &'a Record,
+    offset: u64,
+    dst: &'a mut [u8],
+    swap: usize,
+    whole: bool,
+}
+
+fn crc_error(rec: &Record, got: u32) -> Error {
+    Error::bad_record(
+        &rec.name,
+        format!(
+            "CRC32 mismatch (archive says {:08x}, data gives {got:08x}): the data is corrupted",
+            rec.crc32
+        ),
+    )
+}
+
+fn check_crc(rec: &Record, bytes: &[u8]) -> Result<()> {
+    let got = crc32fast::hash(bytes);
+    if got != rec.crc32 {
+        return Err(crc_error(rec, got));
+    }
+    Ok(())
+}
+
+/// Fills each record's `data_offset` from its local header, reading headers through
+/// a window so thousands of small neighbouring records cost a handful of reads.
+fn resolve_data_offsets(source: &dyn Source, records: &mut [Record], cd_offset: u64) -> Result<()> {
+    let mut order: Vec<usize> = (0..records.len()).collect();
+    order.sort_by_key(|&i| records[i].header_offset);
+    let mem = source.as_slice();
+    let mut window: Vec<u8> = Vec::new();
+    let mut window_start = 0u64;
+    for i in order {
+        let rec = &records[i];
+        let h = rec.header_offset;
+        let fixed_end = h.checked_add(LOCAL_FILE_HEADER_SIZE as u64);
+        if fixed_end.is_none_or(|e| e > cd_offset) {
+            return Err(Error::bad_record(
+                &rec.name,
+                format!("local header offset {h} lies outside the record area; the file is corrupted"),
+            ));
+        }
+        let header_bytes = |start: u64, n: usize, window: &mut Vec<u8>, window_start: &mut u64| -> Result<Vec<u8>> {
+            if let Some(m) = mem {
+                return Ok(m[start as usize..start as usize + n].to_vec());
+            }
+            let in_window = start >= *window_start
+                && start + n as u64 <= *window_start + window.len() as u64;
+            if !in_window {
+                let want = (HEADER_WINDOW as u64).max(n as u64).min(cd_offset - start) as usize;
+                *window = read_vec(source, start, want, "local header")?;
+                *window_start = start;
+            }
+            let off = (start - *window_start) as usize;
+            Ok(window[off..off + n].to_vec())
+        };
+        let fixed = header_bytes(h, LOCAL_FILE_HEADER_SIZE, &mut window, &mut window_start)?;
+        let mut r = Le::new(&fixed);
+        if r.u32() != Some(LOCAL_FILE_HEADER_SIGNATURE) {
+            return Err(Error::bad_record(
+                &rec.name,
+                format!("no local header at offset {h}; the file is corrupted"),
+            ));
+        }
+        let mut skip = Le::new(&fixed[26..]);
+        let name_len = skip.u16().unwrap_or(0) as u64;
+        let extra_len = skip.u16().unwrap_or(0) as u64;
+        let data_offset = h + LOCAL_FILE_HEADER_SIZE as u64 + name_len + extra_len;
+        let name_end = h + LOCAL_FILE_HEADER_SIZE as u64 + name_len;
+        if name_end > cd_offset {
+            return Err(Error::bad_record(&rec.name, "local header runs past the record area"));
+        }
+        let local_name = header_bytes(
+            h + LOCAL_FILE_HEADER_SIZE as u64,
+            name_len as usize,
+            &mut window,
+            &mut window_start,
+        )?;
+        if local_name != rec.name.as_bytes() {
+            return Err(Error::bad_record(
+                &rec.name,
+                "local header names a different record than the central directory",
+            ));
+        }
+        let end = data_offset.checked_add(rec.compressed_size);
+        if end.is_none_or(|e| e > cd_offset) {
+            return Err(Error::bad_record(
+                &rec.name,
+                format!(
+                    "data (offset {data_offset}, {} bytes) runs past the end of the record area; the file is truncated or corrupted",
+                    rec.compressed_size
+                ),
+            ));
+        }
+        records[i].data_offset = data_offset;
+    }
+    Ok(())
+}

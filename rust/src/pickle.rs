@@ -1,0 +1,410 @@
+//! A linear scan of a pickle's opcodes that never executes anything. It lists the
+//! globals the pickle would import (for the safe loader and `inspect`), checks every
+//! length and memo index against hard bounds *before* Python's unpickler could
+//! allocate for them, and tells whether any persistent id (a storage) is memoized
+//! or duplicated, which decides whether the loader may build tensors lazily.
+
+use crate::error::{Error, Result};
+
+/// What the scan learned.
+#[derive(Debug, Default, Clone)]
+pub struct PickleScan {
+    /// `(module, name)` of every global, first-seen order, without repeats.
+    pub globals: Vec<(String, String)>,
+    /// Number of persistent-id opcodes (one per storage reference).
+    pub persistent_ids: usize,
+    /// A persistent id was memoized or duplicated: it can be reached twice.
+    pub persistent_id_reused: bool,
+    /// The protocol from the PROTO opcode (0 or 1 when absent).
+    pub protocol: u8,
+    /// Opcodes that a weights-only load refuses (out-of-band buffers, extensions).
+    pub unsafe_opcodes: Vec<String>,
+}
+
+#[derive(Clone, Debug)]
+enum Val {
+    Str(String),
+    Persid,
+    Other,
+}
+
+/// The largest memo index accepted beyond the number of values memoized so far.
+const MEMO_SLACK: u64 = 1 << 16;
+/// The deepest stack accepted (Python's unpickler grows it without bound).
+const MAX_STACK: usize = 1 << 24;
+
+struct Scanner<'a> {
+    data: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Scanner<'a> {
+    fn err(&self, msg: impl std::fmt::Display) -> Error {
+        Error::Pickle(format!("{msg} (at byte {})", self.pos))
+    }
+    fn take(&mut self, n: u64) -> Result<&'a [u8]> {
+        let n = usize::try_from(n).map_err(|_| self.err("length too large"))?;
+        let end = self
+            .pos
+            .checked_add(n)
+            .filter(|&e| e <= self.data.len())
+            .ok_or_else(|| {
+                self.err(format!(
+                    "declares {n} bytes but only {} remain: truncated or corrupted",
+                    self.data.len() - self.pos.min(self.data.len())
+                ))
+            })?;
+        let s = &self.data[self.pos..end];
+        self.pos = end;
+        Ok(s)
+    }
+    fn u8(&mut self) -> Result<u8> {
+        Ok(self.take(1)?[0])
+    }
+    fn le(&mut self, n: usize) -> Result<u64> {
+        let b = self.take(n as u64)?;
+        let mut v = 0u64;
+        for (i, &x) in b.iter().enumerate() {
+            v |= (x as u64) << (8 * i);
+        }
+        Ok(v)
+    }
+    fn line(&mut self) -> Result<&'a [u8]> {
+        let rest = &self.data[self.pos..];
+        let n = rest
+            .iter()
+            .position(|&c| c == b'\n')
+            .ok_or_else(|| self.err("unterminated line argument"))?;
+        self.pos += n + 1;
+        Ok(&rest[..n])
+    }
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Scans `data`, a complete pickle. Errors on truncation, unknown opcodes, stack
+/// underflow and memo indices far beyond what the pickle has memoized.
+pub fn scan(data: &[u8]) -> Result<PickleScan> {
+    let mut s = Scanner { data, pos: 0 };
+    let mut out = PickleScan::default();
+    let mut stack: Vec<Val> = Vec::new();
+    let mut marks: Vec<usize> = Vec::new();
+    let mut memo: std::collections::HashMap<u64, Val> = std::collections::HashMap::new();
+    let mut memo_puts = 0u64;
+    let mut seen = std::collections::HashSet::new();
+
+    macro_rules! pop {
+        () => {
+            match stack.pop() {
+                Some(v) => {
+                    if marks.last().is_some_and(|&m| m > stack.len()) {
+                        return Err(s.err("stack underflow past a MARK"));
+                    }
+                    v
+                }
+                None => return Err(s.err("stack underflow")),
+            }
+        };
+    }
+    macro_rules! pop_mark {
+        () => {{
+            let m = marks.pop().ok_or_else(|| s.err("no MARK to pop to"))?;
+            stack.truncate(m);
+        }};
+    }
+    macro_rules! push {
+        ($v:expr) => {{
+            if stack.len() >= MAX_STACK {
+                return Err(Error::LimitExceeded("pickle stack deeper than 2**24".into()));
+            }
+            stack.push($v)
+        }};
+    }
+    let mut add_global = |out: &mut PickleScan, m: String, n: String| {
+        if seen.insert((m.clone(), n.clone())) {
+            out.globals.push((m, n));
+        }
+    };
+
+    loop {
+        let op_pos = s.pos;
+        let op = s.u8().map_err(|_| s.err("pickle ends without a STOP opcode"))?;
+        match op {
+            b'.' => break, // STOP
+            b'(' => marks.push(stack.len()),
+            b'0' => {
+                if stack.is_empty() || marks.last() == Some(&stack.len()) {
+                    pop_mark!();
+                } else {
+                    pop!();
+                }
+            }
+            b'1' => pop_mark!(),
+            b'2' => {
+                let top = stack.last().cloned().ok_or_else(|| s.err("DUP on empty stack"))?;
+                if matches!(top, Val::Persid) {
+                    out.persistent_id_reused = true;
+                }
+                push!(top)
+            }
+            b'F' | b'I' | b'L' => {
+                s.line()?;
+                push!(Val::Other)
+            }
+            b'J' => {
+                s.le(4)?;
+                push!(Val::Other)
+            }
+            b'K' => {
+                s.le(1)?;
+                push!(Val::Other)
+            }
+            b'M' => {
+                s.le(2)?;
+                push!(Val::Other)
+            }
+            b'G' => {
+                s.le(8)?;
+                push!(Val::Other)
+            }
+            b'N' | 0x88 | 0x89 | b'}' | b']' | b')' | 0x8f => push!(Val::Other),
+            b'P' => {
+                s.line()?;
+                out.persistent_ids += 1;
+                push!(Val::Persid)
+            }
+            b'Q' => {
+                pop!();
+                out.persistent_ids += 1;
+                push!(Val::Persid)
+            }
+            b'R' | 0x81 => {
+                pop!();
+                pop!();
+                push!(Val::Other)
+            }
+            0x92 => {
+                pop!();
+                pop!();
+                pop!();
+                push!(Val::Other)
+            }
+            b'b' => {
+                pop!();
+            }
+            b'S' => {
+                let l = s.line()?;
+                let t = text(l);
+                push!(Val::Str(t.trim_matches(|c| c == '\'' || c == '"').to_string()))
+            }
+            b'V' => {
+                let l = s.line()?;
+                push!(Val::Str(text(l)))
+            }
+            b'T' | b'X' => {
+                let n = s.le(4)?;
+                let b = s.take(n)?;
+                push!(Val::Str(text(b)))
+            }
+            b'U' | 0x8c => {
+                let n = s.le(1)?;
+                let b = s.take(n)?;
+                push!(Val::Str(text(b)))
+            }
+            0x8d => {
+                let n = s.le(8)?;
+                let b = s.take(n)?;
+                push!(Val::Str(text(b)))
+            }
+            b'B' => {
+                let n = s.le(4)?;
+                s.take(n)?;
+                push!(Val::Other)
+            }
+            b'C' => {
+                let n = s.le(1)?;
+                s.take(n)?;
+                push!(Val::Other)
+            }
+            0x8e | 0x96 => {
+                let n = s.le(8)?;
+                s.take(n)?;
+                push!(Val::Other)
+            }
+            0x8a => {
+                let n = s.le(1)?;
+                s.take(n)?;
+                push!(Val::Other)
+            }
+            0x8b => {
+                let n = s.le(4)?;
+                s.take(n)?;
+                push!(Val::Other)
+            }
+            b'c' | b'i' => {
+                let m = text(s.line()?);
+                let n = text(s.line()?);
+                add_global(&mut out, m, n);
+                if op == b'i' {
+                    pop_mark!();
+                }
+                push!(Val::Other)
+            }
+            0x93 => {
+                let name = pop!();
+                let module = pop!();
+                match (module, name) {
+                    (Val::Str(m), Val::Str(n)) => add_global(&mut out, m, n),
+                    _ => add_global(&mut out, "<dynamic>".into(), "<dynamic>".into()),
+                }
+                push!(Val::Other)
+            }
+            b'a' => {
+                pop!();
+            }
+            b'e' | b'u' | 0x90 => pop_mark!(),
+            b's' => {
+                pop!();
+                pop!();
+            }
+            b'd' | b'l' | b't' | 0x91 => {
+                pop_mark!();
+                push!(Val::Other)
+            }
+            b'o' => {
+                pop_mark!();
+                push!(Val::Other)
+            }
+            0x85 => {
+                pop!();
+                push!(Val::Other)
+            }
+            0x86 => {
+                pop!();
+                pop!();
+                push!(Val::Other)
+            }
+            0x87 => {
+                pop!();
+                pop!();
+                pop!();
+                push!(Val::Other)
+            }
+            b'g' | b'h' | b'j' => {
+                let idx = match op {
+                    b'g' => parse_index(s.line()?).ok_or_else(|| s.err("bad GET index"))?,
+                    b'h' => s.le(1)?,
+                    _ => s.le(4)?,
+                };
+                let v = memo
+                    .get(&idx)
+                    .cloned()
+                    .ok_or_else(|| s.err(format!("memo key {idx} read before it is written")))?;
+                push!(v)
+            }
+            b'p' | b'q' | b'r' | 0x94 => {
+                let idx = match op {
+                    b'p' => parse_index(s.line()?).ok_or_else(|| s.err("bad PUT index"))?,
+                    b'q' => s.le(1)?,
+                    b'r' => s.le(4)?,
+                    _ => memo.len() as u64,
+                };
+                if idx > memo_puts * 2 + MEMO_SLACK {
+                    return Err(Error::LimitExceeded(format!(
+                        "pickle memo index {idx} at byte {op_pos} is far beyond the {memo_puts} values memoized so far (memo abuse)"
+                    )));
+                }
+                let top = stack.last().cloned().ok_or_else(|| s.err("PUT on empty stack"))?;
+                if matches!(top, Val::Persid) {
+                    out.persistent_id_reused = true;
+                }
+                memo.insert(idx, top);
+                memo_puts += 1;
+            }
+            0x80 => out.protocol = s.u8()?,
+            0x95 => {
+                let n = s.le(8)?;
+                if n > (s.data.len() - s.pos) as u64 {
+                    return Err(s.err(format!("FRAME of {n} bytes runs past the end")));
+                }
+            }
+            0x82 | 0x83 | 0x84 => {
+                let w = match op {
+                    0x82 => 1,
+                    0x83 => 2,
+                    _ => 4,
+                };
+                s.le(w)?;
+                out.unsafe_opcodes.push(format!("EXT{w}"));
+                push!(Val::Other)
+            }
+            0x97 => {
+                out.unsafe_opcodes.push("NEXT_BUFFER".into());
+                push!(Val::Other)
+            }
+            0x98 => out.unsafe_opcodes.push("READONLY_BUFFER".into()),
+            other => {
+                return Err(Error::Pickle(format!(
+                    "unknown opcode 0x{other:02x} at byte {op_pos}"
+                )))
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn parse_index(line: &[u8]) -> Option<u64> {
+    std::str::from_utf8(line).ok()?.trim().parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lists_globals_of_protocol_2() {
+        // pickle.dumps(collections.OrderedDict(), protocol=2)
+        let p = b"\x80\x02ccollections\nOrderedDict\nq\x00)Rq\x01.";
+        let s = scan(p).unwrap();
+        assert_eq!(s.protocol, 2);
+        assert_eq!(s.globals, vec![("collections".into(), "OrderedDict".into())]);
+    }
+
+    #[test]
+    fn resolves_stack_global_through_memo() {
+        // protocol 4: SHORT_BINUNICODE 'os', MEMOIZE, SHORT_BINUNICODE 'system', STACK_GLOBAL
+        let p = b"\x80\x04\x8c\x02os\x94\x8c\x06system\x94\x93\x94.";
+        let s = scan(p).unwrap();
+        assert_eq!(s.globals, vec![("os".into(), "system".into())]);
+    }
+
+    #[test]
+    fn flags_memoized_persistent_ids() {
+        let p = b"\x80\x02K\x01Qq\x00.";
+        assert!(scan(p).unwrap().persistent_id_reused);
+        let p = b"\x80\x02K\x01Q.";
+        let s = scan(p).unwrap();
+        assert!(!s.persistent_id_reused);
+        assert_eq!(s.persistent_ids, 1);
+    }
+
+    #[test]
+    fn refuses_memo_abuse() {
+        let p = b"\x80\x02K\x01r\x00\x00\x00\x80.";
+        assert!(matches!(scan(p), Err(Error::LimitExceeded(_))));
+    }
+
+    #[test]
+    fn refuses_truncation_and_oversized_lengths() {
+        assert!(scan(b"\x80\x02").is_err());
+        assert!(scan(b"\x80\x02X\xff\xff\xff\x7fab.").is_err());
+        assert!(scan(b"\x80\x02\x95\x00\x00\x00\x00\x00\x00\x01\x00N.").is_err());
+    }
+
+    #[test]
+    fn refuses_stack_underflow() {
+        assert!(scan(b"\x80\x02R.").is_err());
+    }
+}

@@ -1,0 +1,253 @@
+//! `Archive`: an opened checkpoint for Python — record lookup, small reads, and the
+//! bulk reads into tensor memory, run on several threads with the GIL released.
+
+use std::fs::File;
+use std::os::fd::FromRawFd;
+use std::path::PathBuf;
+
+use pyo3::buffer::PyBuffer;
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::PyBytes;
+
+use super::buffers::{MappedBuffer, OwnedBuffer};
+use super::errors::at;
+use super::num_threads;
+use crate::container::reader::{Archive, Compression, FileSource, MemorySource, ReadJob, Source};
+use crate::error::Error;
+use crate::storage::{AlignedBuffer, MappedFile};
+
+/// A Python buffer (bytes, bytearray, BytesIO.getbuffer(), ...) as a byte source.
+struct PyBufferBytes(PyBuffer<u8>);
+
+impl AsRef<[u8]> for PyBufferBytes {
+    fn as_ref(&self) -> &[u8] {
+        // SAFETY: the buffer was checked C-contiguous at construction and stays exported
+        // (so its memory cannot move or shrink) until this wrapper is dropped.
+        unsafe { std::slice::from_raw_parts(self.0.buf_ptr() as *const u8, self.0.len_bytes()) }
+    }
+}
+
+/// A `MappedFile` shared with the Python `MappedBuffer` that exports it.
+struct SharedMap(std::sync::Arc<MappedFile>);
+
+impl AsRef<[u8]> for SharedMap {
+    fn as_ref(&self) -> &[u8] {
+        self.0.as_slice()
+    }
+}
+
+#[pyclass(name = "Archive", module = "fastserial._fastserial", frozen)]
+pub struct PyArchive {
+    archive: Archive,
+    file: String,
+    mapping: Option<Py<MappedBuffer>>,
+}
+
+impl PyArchive {
+    fn open_source(py: Python<'_>, source: Box<dyn Source>, file: String, mapping: Option<Py<MappedBuffer>>) -> PyResult<Self> {
+        let archive = py.allow_threads(|| Archive::open(source)).map_err(at(&file))?;
+        Ok(PyArchive { archive, file, mapping })
+    }
+
+    fn open_file(py: Python<'_>, file: File, mmap: bool, display: String) -> PyResult<Self> {
+        if mmap {
+            // SAFETY: documented mmap contract (MappedFile::map): a private mapping; only
+            // truncation of the file by another process while mapped can fault.
+            let map = unsafe { MappedFile::map(&file) }
+                .map_err(|e| at(&display)(Error::io("mapping the file", e)))?;
+            let buffer = MappedBuffer::new(map);
+            let shared = buffer.map.clone();
+            let mapping = Py::new(py, buffer)?;
+            Self::open_source(py, Box::new(MemorySource(SharedMap(shared))), display, Some(mapping))
+        } else {
+            let src = FileSource::new(file).map_err(|e| at(&display)(Error::io("reading file size", e)))?;
+            Self::open_source(py, Box::new(src), display, None)
+        }
+    }
+
+    fn record(&self, name: &str) -> PyResult<&crate::container::reader::Record> {
+        self.archive.require(name).map_err(at(&self.file))
+    }
+}
+
+#[pymethods]
+impl PyArchive {
+    /// Opens a checkpoint by path; `mmap=True` maps it copy-on-write.
+    #[staticmethod]
+    #[pyo3(signature = (path, mmap=false))]
+    fn open_path(py: Python<'_>, path: PathBuf, mmap: bool) -> PyResult<Self> {
+        let display = path.display().to_string();
+        let file = File::open(&path).map_err(|e| at(&display)(Error::io("opening", e)))?;
+        if file.metadata().map(|m| m.is_dir()).unwrap_or(false) {
+            return Err(at(&display)(Error::io(
+                "opening",
+                std::io::Error::new(std::io::ErrorKind::IsADirectory, "is a directory"),
+            )));
+        }
+        Self::open_file(py, file, mmap, display)
+    }
+
+    /// Opens a checkpoint from a file descriptor this call takes ownership of
+    /// (pass `os.dup(f.fileno())`).
+    #[staticmethod]
+    #[pyo3(signature = (fd, display, mmap=false))]
+    fn open_fd(py: Python<'_>, fd: i32, display: String, mmap: bool) -> PyResult<Self> {
+        if fd < 0 {
+            return Err(PyValueError::new_err("invalid file descriptor"));
+        }
+        // SAFETY: the caller hands us a freshly duplicated descriptor that nothing else
+        // owns; File takes ownership and closes it exactly once.
+        let file = unsafe { File::from_raw_fd(fd) };
+        Self::open_file(py, file, mmap, display)
+    }
+
+    /// Opens a checkpoint held in memory (bytes, bytearray, memoryview).
+    #[staticmethod]
+    fn open_buffer(py: Python<'_>, data: &Bound<'_, PyAny>, display: String) -> PyResult<Self> {
+        let buf = PyBuffer::<u8>::get(data)?;
+        if !buf.is_c_contiguous() {
+            return Err(PyValueError::new_err("checkpoint buffer must be C-contiguous"));
+        }
+        Self::open_source(py, Box::new(MemorySource(PyBufferBytes(buf))), display, None)
+    }
+
+    /// The file (or a description of the buffer) this archive was opened from.
+    #[getter]
+    fn file(&self) -> &str {
+        &self.file
+    }
+
+    /// The archive's top folder.
+    #[getter]
+    fn prefix(&self) -> &str {
+        self.archive.prefix()
+    }
+
+    /// Total size of the underlying file or buffer, in bytes.
+    #[getter]
+    fn size(&self) -> u64 {
+        self.archive.source().len()
+    }
+
+    /// The copy-on-write mapping of the whole file (`mmap=True` only).
+    #[getter]
+    fn mapping(&self, py: Python<'_>) -> Option<Py<MappedBuffer>> {
+        self.mapping.as_ref().map(|m| m.clone_ref(py))
+    }
+
+    /// Record names inside the top folder, in archive order.
+    fn names(&self) -> Vec<String> {
+        self.archive.names().into_iter().map(String::from).collect()
+    }
+
+    fn has(&self, name: &str) -> bool {
+        self.archive.get(name).is_some()
+    }
+
+    /// `(data_offset, size, crc32, compressed)` of a record.
+    fn info(&self, name: &str) -> PyResult<(u64, u64, u32, bool)> {
+        let r = self.record(name)?;
+        Ok((r.data_offset, r.size, r.crc32, r.compression == Compression::Deflated))
+    }
+
+    /// A whole record's bytes; its CRC32 is checked unless `verify=False`.
+    #[pyo3(signature = (name, verify=true))]
+    fn read<'py>(&self, py: Python<'py>, name: &str, verify: bool) -> PyResult<Bound<'py, PyBytes>> {
+        let rec = self.record(name)?;
+        let data = py
+            .allow_threads(|| self.archive.read(rec, verify))
+            .map_err(at(&self.file))?;
+        Ok(PyBytes::new(py, &data))
+    }
+
+    /// A record copied (or decompressed) into a new aligned buffer, byte-swapped by
+    /// `swap`-byte elements when `swap > 1`.
+    #[pyo3(signature = (name, swap=0, verify=false))]
+    fn read_buffer(&self, py: Python<'_>, name: &str, swap: usize, verify: bool) -> PyResult<OwnedBuffer> {
+        let rec = self.record(name)?;
+        let len = usize::try_from(rec.size)
+            .map_err(|_| at(&self.file)(Error::bad_record(&rec.name, "too large for this machine")))?;
+        let mut buf = AlignedBuffer::zeroed(len).ok_or_else(|| {
+            pyo3::exceptions::PyMemoryError::new_err(format!("{}: cannot allocate {len} bytes for '{}'", self.file, rec.name))
+        })?;
+        py.allow_threads(|| {
+            self.archive.read_many_into(
+                vec![ReadJob { record: rec, dst: buf.as_mut_slice(), swap }],
+                num_threads(),
+                verify,
+            )
+        })
+        .map_err(at(&self.file))?;
+        Ok(OwnedBuffer::new(buf))
+    }
+
+    /// Reads records into caller memory: `jobs` is a list of
+    /// `(record_name, address, nbytes, swap_element_size)`. Private API: every address
+    /// must point to `nbytes` writable bytes that stay alive during the call (the
+    /// Python layer passes `data_ptr()`s of storages it holds).
+    #[pyo3(signature = (jobs, verify=false))]
+    fn read_into(&self, py: Python<'_>, jobs: Vec<(String, usize, usize, usize)>, verify: bool) -> PyResult<()> {
+        let mut resolved = Vec::with_capacity(jobs.len());
+        for (name, addr, nbytes, swap) in &jobs {
+            let rec = self.record(name)?;
+            if *nbytes as u64 != rec.size {
+                return Err(at(&self.file)(Error::bad_record(
+                    &rec.name,
+                    format!("holds {} bytes but the pickle declares {nbytes}", rec.size),
+                )));
+            }
+            if *nbytes > 0 && *addr == 0 {
+                return Err(PyValueError::new_err("null destination address"));
+            }
+            resolved.push((rec, *addr, *nbytes, *swap));
+        }
+        let jobs: Vec<ReadJob<'_>> = resolved
+            .into_iter()
+            .map(|(record, addr, nbytes, swap)| ReadJob {
+                record,
+                dst: if nbytes == 0 {
+                    &mut []
+                } else {
+                    // SAFETY: the caller guarantees addr points to nbytes writable bytes that
+                    // stay alive and are not accessed by anyone else during this call; each
+                    // job's memory is distinct (one job per storage).
+                    unsafe { std::slice::from_raw_parts_mut(addr as *mut u8, nbytes) }
+                },
+                swap,
+            })
+            .collect();
+        py.allow_threads(|| self.archive.read_many_into(jobs, num_threads(), verify))
+            .map_err(at(&self.file))
+    }
+
+    /// Checks the CRC32 of the named records (all when `None`) on several threads.
+    /// Returns `(record, problem)` for every failure instead of stopping at the first.
+    #[pyo3(signature = (names=None))]
+    fn verify(&self, py: Python<'_>, names: Option<Vec<String>>) -> PyResult<Vec<(String, String)>> {
+        let records: Vec<_> = match names {
+            Some(ns) => ns.iter().map(|n| self.record(n)).collect::<PyResult<_>>()?,
+            None => self.archive.records().iter().collect(),
+        };
+        let threads = num_threads().max(1);
+        let failures = py.allow_threads(|| {
+            let next = std::sync::atomic::AtomicUsize::new(0);
+            let out = std::sync::Mutex::new(Vec::new());
+            std::thread::scope(|s| {
+                for _ in 0..threads {
+                    s.spawn(|| loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(rec) = records.get(i) else { break };
+                        if let Err(e) = self.archive.verify_record(rec) {
+                            out.lock().unwrap_or_else(|p| p.into_inner()).push((i, rec.name.clone(), e.to_string()));
+                        }
+                    });
+                }
+            });
+            let mut v = out.into_inner().unwrap_or_else(|p| p.into_inner());
+            v.sort();
+            v.into_iter().map(|(_, n, e)| (n, e)).collect::<Vec<_>>()
+        });
+        Ok(failures)
+    }
+}

@@ -1,0 +1,219 @@
+//! `ArchiveWriter` for Python: streams records to a path (atomically replaced, GIL
+//! released during the writes) or to any object with a `write` method.
+
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::PathBuf;
+
+use pyo3::buffer::PyBuffer;
+use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::PyBytes;
+
+use super::errors::at;
+use crate::atomic::AtomicFile;
+use crate::container::writer::ArchiveWriter;
+use crate::error::{Error, Result};
+
+/// Writes into a Python file-like object, in bounded chunks.
+struct PySink(Py<PyAny>);
+
+const PY_CHUNK: usize = 16 << 20;
+
+impl Write for PySink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = buf.len().min(PY_CHUNK);
+        Python::with_gil(|py| {
+            let written = self
+                .0
+                .call_method1(py, "write", (PyBytes::new(py, &buf[..n]),))
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
+            // Raw streams may write less than asked (None means "would block").
+            match written.extract::<Option<usize>>(py) {
+                Ok(Some(k)) if k <= n => Ok(k),
+                Ok(None) => Err(std::io::Error::new(std::io::ErrorKind::WouldBlock, "write returned None")),
+                _ => Ok(n),
+            }
+        })
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+const BUFFER: usize = 1 << 20;
+
+enum Target {
+    File {
+        writer: ArchiveWriter<BufWriter<File>>,
+        atomic: Option<AtomicFile>,
+    },
+    Python(ArchiveWriter<BufWriter<PySink>>),
+}
+
+#[pyclass(name = "ArchiveWriter", module = "fastserial._fastserial")]
+pub struct PyArchiveWriter {
+    target: Option<Target>,
+    file: String,
+}
+
+impl PyArchiveWriter {
+    fn target(&mut self) -> PyResult<&mut Target> {
+        self.target
+            .as_mut()
+            .ok_or_else(|| PyValueError::new_err("the archive writer is already finished"))
+    }
+
+    fn run<T>(&mut self, py: Python<'_>, f: impl FnOnce(&mut dyn RecordSink) -> Result<T> + Send) -> PyResult<T>
+    where
+        T: Send,
+    {
+        let file = self.file.clone();
+        match self.target()? {
+            Target::File { writer, .. } => py.allow_threads(|| f(writer)).map_err(at(&file)),
+            Target::Python(writer) => f(writer).map_err(at(&file)),
+        }
+    }
+}
+
+/// The operations shared by both targets.
+trait RecordSink {
+    fn record(&mut self, name: &str, data: &[u8]) -> Result<()>;
+}
+
+impl<W: Write> RecordSink for ArchiveWriter<W> {
+    fn record(&mut self, name: &str, data: &[u8]) -> Result<()> {
+        self.write_record(name, data)
+    }
+}
+
+#[pymethods]
+impl PyArchiveWriter {
+    /// `target` is a path (atomically replaced on `finish`) or a file-like object.
+    /// `atomic=False` writes a path in place (for devices and pipes).
+    #[new]
+    #[pyo3(signature = (target, prefix, atomic=true))]
+    fn new(target: &Bound<'_, PyAny>, prefix: &str, atomic: bool) -> PyResult<Self> {
+        if let Ok(path) = target.extract::<PathBuf>() {
+            let display = path.display().to_string();
+            let (file, atomic_file) = if atomic {
+                let mut a = AtomicFile::create(&path)
+                    .map_err(|e| at(&display)(Error::io("creating a temporary file beside the checkpoint", e)))?;
+                let f = a
+                    .file()
+                    .try_clone()
+                    .map_err(|e| at(&display)(Error::io("opening the temporary file", e)))?;
+                (f, Some(a))
+            } else {
+                let f = File::create(&path).map_err(|e| at(&display)(Error::io("creating", e)))?;
+                (f, None)
+            };
+            let writer = ArchiveWriter::new(BufWriter::with_capacity(BUFFER, file), prefix);
+            return Ok(PyArchiveWriter {
+                target: Some(Target::File { writer, atomic: atomic_file }),
+                file: display,
+            });
+        }
+        if !target.hasattr("write")? {
+            return Err(PyTypeError::new_err(format!(
+                "expected a path or a file-like object with a write() method, got {}",
+                target.get_type().name()?
+            )));
+        }
+        let display = format!("<{}>", target.get_type().name()?);
+        let sink = BufWriter::with_capacity(BUFFER, PySink(target.clone().unbind()));
+        Ok(PyArchiveWriter {
+            target: Some(Target::Python(ArchiveWriter::new(sink, prefix))),
+            file: display,
+        })
+    }
+
+    /// Appends one record from any contiguous buffer (bytes, memoryview, ...).
+    fn write_record(&mut self, py: Python<'_>, name: &str, data: &Bound<'_, PyAny>) -> PyResult<()> {
+        let buf = PyBuffer::<u8>::get(data)?;
+        if !buf.is_c_contiguous() {
+            return Err(PyValueError::new_err("record data must be C-contiguous"));
+        }
+        let addr = buf.buf_ptr() as usize;
+        let len = buf.len_bytes();
+        self.run(py, move |w| {
+            // SAFETY: `buf` keeps the exporter's memory alive and in place until it is
+            // dropped after this call returns.
+            let data = unsafe { std::slice::from_raw_parts(addr as *const u8, len) };
+            w.record(name, data)
+        })
+    }
+
+    /// Appends storage records: `items` is `[(name, address, nbytes)]`. Private API:
+    /// each address must point to `nbytes` readable bytes kept alive during the call.
+    fn write_storages(&mut self, py: Python<'_>, items: Vec<(String, usize, usize)>) -> PyResult<()> {
+        for (_, addr, n) in &items {
+            if *n > 0 && *addr == 0 {
+                return Err(PyValueError::new_err("null storage address"));
+            }
+        }
+        self.run(py, move |w| {
+            for (name, addr, n) in &items {
+                let data: &[u8] = if *n == 0 {
+                    &[]
+                } else {
+                    // SAFETY: the caller guarantees addr points to n readable bytes that stay
+                    // alive and unmodified during this call (storages it holds references to).
+                    unsafe { std::slice::from_raw_parts(*addr as *const u8, *n) }
+                };
+                w.record(name, data)?;
+            }
+            Ok(())
+        })
+    }
+
+    /// The 40-digit serialization id for the records written so far.
+    fn serialization_id(&mut self) -> PyResult<String> {
+        Ok(match self.target()? {
+            Target::File { writer, .. } => writer.serialization_id(),
+            Target::Python(writer) => writer.serialization_id(),
+        })
+    }
+
+    /// Writes the directory; for paths, fsyncs (when `fsync`) and renames into place.
+    #[pyo3(signature = (fsync=true))]
+    fn finish(&mut self, py: Python<'_>, fsync: bool) -> PyResult<()> {
+        let target = self
+            .target
+            .take()
+            .ok_or_else(|| PyValueError::new_err("the archive writer is already finished"))?;
+        let file = self.file.clone();
+        match target {
+            Target::File { writer, atomic } => py
+                .allow_threads(move || -> Result<()> {
+                    let buffered = writer.finish()?;
+                    let f = buffered
+                        .into_inner()
+                        .map_err(|e| Error::io("flushing the checkpoint", e.into_error()))?;
+                    match atomic {
+                        Some(a) => {
+                            drop(f);
+                            a.commit(fsync)
+                                .map_err(|e| Error::io("moving the finished checkpoint into place", e))
+                        }
+                        None if fsync => f.sync_all().map_err(|e| Error::io("syncing the checkpoint", e)),
+                        None => Ok(()),
+                    }
+                })
+                .map_err(at(&file)),
+            Target::Python(writer) => {
+                let buffered = writer.finish().map_err(at(&file))?;
+                buffered
+                    .into_inner()
+                    .map_err(|e| at(&file)(Error::io("flushing the checkpoint", e.into_error())))?;
+                Ok(())
+            }
+        }
+    }
+
+    /// Abandons the archive: a path's temporary file is removed, the old checkpoint
+    /// is left untouched.
+    fn abort(&mut self) {
+        self.target = None;
+    }
+}

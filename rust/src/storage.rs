@@ -1,0 +1,137 @@
+//! Memory that backs tensor storages: a private (copy-on-write) mapping of a whole
+//! checkpoint for `mmap=True`, and 64-byte aligned owned buffers for decompressed
+//! records.
+
+use std::alloc::{alloc_zeroed, dealloc, Layout};
+use std::fs::File;
+use std::ptr::NonNull;
+
+use memmap2::{MmapMut, MmapOptions};
+
+/// A whole file mapped copy-on-write: tensors can write to their pages without the
+/// change reaching the file (torch's `mmap=True` semantics, `MAP_PRIVATE`).
+pub struct MappedFile {
+    map: MmapMut,
+}
+
+impl MappedFile {
+    /// Maps `file` privately.
+    ///
+    /// # Safety
+    /// The caller must accept the mmap contract: if another process truncates the file
+    /// while it is mapped, touching the lost pages raises SIGBUS. Eager loads never map.
+    pub unsafe fn map(file: &File) -> std::io::Result<Self> {
+        // SAFETY: the mapping is private (copy-on-write), so our writes never reach the
+        // file; the remaining hazard (truncation by another process) is the caller's, as
+        // documented above.
+        let map = unsafe { MmapOptions::new().map_copy(file)? };
+        Ok(MappedFile { map })
+    }
+
+    pub fn as_slice(&self) -> &[u8] {
+        &self.map
+    }
+
+    pub fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.map.as_mut_ptr()
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+}
+
+impl AsRef<[u8]> for MappedFile {
+    fn as_ref(&self) -> &[u8] {
+        &self.map
+    }
+}
+
+/// An owned, zero-initialised, 64-byte aligned byte buffer (the alignment torch's CPU
+/// allocator gives, so vectorised kernels see the same alignment as for torch memory).
+pub struct AlignedBuffer {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: AlignedBuffer owns its allocation exclusively, like a Vec<u8>.
+unsafe impl Send for AlignedBuffer {}
+// SAFETY: shared references only allow reads of plain bytes.
+unsafe impl Sync for AlignedBuffer {}
+
+const ALIGN: usize = 64;
+
+impl AlignedBuffer {
+    pub fn zeroed(len: usize) -> Option<Self> {
+        if len == 0 {
+            return Some(AlignedBuffer {
+                ptr: NonNull::dangling(),
+                len: 0,
+            });
+        }
+        let layout = Layout::from_size_align(len, ALIGN).ok()?;
+        // SAFETY: layout has non-zero size (len > 0 checked above).
+        let ptr = unsafe { alloc_zeroed(layout) };
+        NonNull::new(ptr).map(|ptr| AlignedBuffer { ptr, len })
+    }
+
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: ptr is valid for len initialised bytes (zeroed at allocation) for as long
+        // as self lives; a dangling ptr with len 0 is a valid empty slice.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as in as_slice, and &mut self guarantees exclusive access.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+
+    pub fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl Drop for AlignedBuffer {
+    fn drop(&mut self) {
+        if self.len > 0 {
+            // SAFETY: allocated in `zeroed` with exactly this layout, freed once here.
+            unsafe {
+                dealloc(
+                    self.ptr.as_ptr(),
+                    Layout::from_size_align_unchecked(self.len, ALIGN),
+                )
+            };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aligned_buffer_is_aligned_and_zeroed() {
+        for n in [0usize, 1, 63, 64, 4097] {
+            let mut b = AlignedBuffer::zeroed(n).unwrap();
+            assert_eq!(b.len(), n);
+            assert!(b.as_slice().iter().all(|&x| x == 0));
+            if n > 0 {
+                assert_eq!(b.as_mut_ptr() as usize % ALIGN, 0);
+                b.as_mut_slice()[n - 1] = 7;
+                assert_eq!(b.as_slice()[n - 1], 7);
+            }
+        }
+    }
+}

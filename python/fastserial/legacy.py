@@ -127,7 +127,14 @@ class _LegacyLoader(_ZipLoader):
         return self.storages[view_key]
 
     def load_stream(self, f):
-        magic = self.unpickle(f)
+        try:
+            magic = self.unpickle(f)
+        except Exception as e:
+            # Not even the magic number unpickles: this is not a checkpoint at all.
+            raise CheckpointError(
+                f"{self.file}: not a torch checkpoint (neither a zip archive nor a legacy "
+                f"pickle stream: {type(e).__name__}: {e})"
+            ) from None
         if magic != MAGIC_NUMBER:
             raise CheckpointError(
                 f"{self.file}: not a torch checkpoint (invalid magic number; corrupt file?)"

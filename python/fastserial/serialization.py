@@ -235,9 +235,10 @@ def _open_checkpoint(f, mmap: bool) -> _Opened:
         view.release()
         return _Opened(kind, display, stream=f)
 
-    seekable = getattr(f, "seekable", lambda: False)()
     fileno = None
-    if seekable:
+    # Only plain binary files are read through their descriptor: wrappers such as
+    # GzipFile expose the descriptor of the *compressed* file.
+    if isinstance(f, (io.BufferedReader, io.BufferedRandom, io.FileIO)) and f.seekable():
         try:
             fileno = f.fileno()
         except (AttributeError, OSError, io.UnsupportedOperation):
@@ -1050,9 +1051,10 @@ def _pickler_class(pickle_module):
 
 
 def _archive_prefix(path: str) -> str:
-    """torch's archive folder name for a path: the basename up to its first dot."""
+    """torch's archive folder name for a path: the basename without its last extension
+    (``weights.v2.pth`` -> ``weights.v2``); ``archive`` when that leaves nothing."""
     base = os.path.basename(path.replace("\\", "/"))
-    stem = base.split(".", 1)[0]
+    stem = base.rsplit(".", 1)[0] if "." in base else base
     return stem or "archive"
 
 

@@ -56,7 +56,6 @@ class _LegacyLoader(_ZipLoader):
         self.file = opened.display
         self.map_location = map_location
         self.restore_location = _location.restore_location_fn(map_location)
-        self.lands_on_cpu = lambda location: False
         self.is_meta = False
         self.pickle_module = pickle_module
         self.weights_only = weights_only
@@ -65,11 +64,8 @@ class _LegacyLoader(_ZipLoader):
         self.pickle_load_args = pickle_load_args
         self.mapping = None
         self.swap = False
-        self.lazy = False
         self.storages: dict[Any, Any] = {}
-        self.produced = self.consumed = 0
-        self.jobs: list = []
-        self._eager_records: list = []
+        self.factory = None
         # key -> (cpu storage to fill, storage that tensors use, dtype)
         self.to_fill: dict[Any, tuple] = {}
 

@@ -17,7 +17,6 @@ __all__ = [
     "location_tag",
     "default_restore_location",
     "restore_location_fn",
-    "cpu_predicate",
 ]
 
 Tagger = Callable[[Any], Optional[str]]
@@ -213,21 +212,3 @@ def restore_location_fn(map_location) -> Callable[[Any, str], Any]:
         "map_location must be None, a string, a torch.device, a dict or a callable, "
         f"not {type(map_location).__name__}"
     )
-
-
-def cpu_predicate(map_location) -> Callable[[str], bool]:
-    """``location -> bool``: True when a storage tagged ``location`` ends up on the CPU
-    without calling user code, so the fast paths may build its tensors directly."""
-    if map_location is None:
-        return lambda location: location == "cpu"
-    if isinstance(map_location, (str, bytes)):
-        target = map_location.decode() if isinstance(map_location, bytes) else map_location
-        return lambda location: target == "cpu"
-    if isinstance(map_location, dict):
-        mapping = dict(map_location)
-        return lambda location: mapping.get(location, location) == "cpu"
-    torch = _torch()
-    if isinstance(map_location, torch.device):
-        on_cpu = map_location.type == "cpu"
-        return lambda location: on_cpu
-    return lambda location: False

@@ -14,6 +14,8 @@ with the GIL released.
 from __future__ import annotations
 
 import _compat_pickle
+import contextlib
+import gc
 import io
 import os
 import pickle
@@ -123,6 +125,8 @@ class _TorchInfo:
         self.complex_dtypes = frozenset(
             dt for dt in (torch.complex32, torch.complex64, torch.complex128)
         )
+        #: dtype -> (element size, byte-swap width), for the native tensor factory
+        self.sizes = {dt: (size, self.swap_size(dt)) for dt, size in self.itemsize.items()}
         self.get_tensor_metadata = torch._C._get_tensor_metadata
         self.set_tensor_metadata = torch._utils.set_tensor_metadata
         self.rebuild_tensor_v2 = torch._utils._rebuild_tensor_v2
@@ -156,6 +160,20 @@ class _StorageType:
 
     def __repr__(self) -> str:
         return f"StorageType(dtype={self.dtype})"
+
+
+@contextlib.contextmanager
+def _gc_paused():
+    """Pauses the cyclic garbage collector: (un)pickling a big state dict allocates
+    hundreds of thousands of tuples, and the collections they trigger cost more than
+    the work itself (torch.load pays this too)."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 # --------------------------------------------------------------------------- opening files
@@ -304,21 +322,6 @@ class _Retry(Exception):
     """Internal: a lazily built load found a storage used outside a tensor rebuild."""
 
 
-class _PendingStorage:
-    """A storage named by the pickle whose memory is created with its first tensor."""
-
-    __slots__ = ("key", "record", "dtype", "nbytes", "storage", "swap", "swapped")
-
-    def __init__(self, key, record, dtype, nbytes, swap):
-        self.key = key
-        self.record = record
-        self.dtype = dtype
-        self.nbytes = nbytes
-        self.storage = None
-        self.swap = swap
-        self.swapped = False
-
-
 def _unpickling_error(msg: str) -> pickle.UnpicklingError:
     return pickle.UnpicklingError(msg)
 
@@ -341,7 +344,6 @@ class _ZipLoader:
         self.file = opened.display
         self.map_location = map_location
         self.restore_location = _location.restore_location_fn(map_location)
-        self.lands_on_cpu = _location.cpu_predicate(map_location)
         self.is_meta = _is_meta_location(map_location)
         self.pickle_module = pickle_module
         self.weights_only = weights_only
@@ -349,7 +351,7 @@ class _ZipLoader:
         self.verify = verify
         self.pickle_load_args = pickle_load_args
         self.mapping = self.archive.mapping if mmap else None
-        self._eager_records: list[str] = []
+        self.factory = None
 
     # -- record helpers
 
@@ -387,7 +389,7 @@ class _ZipLoader:
         globals_used = {f"{m}.{n}" for m, n in scan["globals"]}
         lazy = (
             not scan["persistent_id_reused"]
-            and not self.is_meta
+            and _cpu_stays_cpu(self.map_location)
             and all(g in _INERT_GLOBALS or _is_storage_global(g) or _is_dtype_global(g) for g in globals_used)
         )
         if lazy:
@@ -398,47 +400,67 @@ class _ZipLoader:
         return self._run(data, lazy=False)
 
     def _run(self, data: bytes, lazy: bool):
-        self.lazy = lazy
         self.storages: dict[str, Any] = {}
-        self.produced = 0
-        self.consumed = 0
-        self.jobs: list[tuple[str, int, int, int]] = []
-        self.keepalive: list = []
+        self.factory = self._make_factory() if lazy else None
+        stream = io.BufferedReader(io.BytesIO(data), buffer_size=1 << 20)
         unpickler = _unpickler_class(self.pickle_module)(
-            io.BytesIO(data), loader=self, **self.pickle_load_args
+            stream, loader=self, **self.pickle_load_args
         )
-        unpickler.persistent_load = self.persistent_load
+        unpickler.persistent_load = (
+            self.factory.persistent_load if self.factory is not None else self.persistent_load
+        )
         try:
-            result = unpickler.load()
-        except (_Retry, CheckpointError, pickle.UnpicklingError):
+            with _gc_paused():
+                result = unpickler.load()
+        except (_Retry, CheckpointError, pickle.UnpicklingError, RecursionError, MemoryError):
             raise
-        except RecursionError:
-            raise
-        except (EOFError, ValueError, KeyError, IndexError, TypeError, AttributeError, struct_error) as e:
+        except Exception as e:
             if self.weights_only:
                 raise _unpickling_error(
                     f"{self.file}: weights-only load failed while unpickling "
                     f"'{self.archive.prefix}/data.pkl': {type(e).__name__}: {e}"
                 ) from e
             raise
-        if lazy and self.produced != self.consumed:
-            raise _Retry()
-        if self.jobs:
-            self.archive.read_into(self.jobs, verify=self.verify)
-        self.jobs = []
-        self.keepalive = []
+        if self.factory is not None:
+            produced, consumed = self.factory.counts
+            if produced != consumed:
+                raise _Retry()
+            self.factory.finish()
+            self.factory = None
         if self.verify and self.mmap:
-            self._verify_mapped()
+            failures = self.archive.verify(
+                [n for n in self.archive.names() if n.startswith("data/")]
+            )
+            if failures:
+                record, problem = failures[0]
+                raise self._fail(f"record '{record}' failed verification: {problem}")
         self.info.torch._utils._validate_loaded_sparse_tensors()
         return result
 
-    def _verify_mapped(self) -> None:
-        names = [s.record for s in self.storages.values() if isinstance(s, _PendingStorage)]
-        names += [n for n in self._eager_records]
-        failures = self.archive.verify(sorted(set(names)))
-        if failures:
-            record, problem = failures[0]
-            raise self._fail(f"record '{record}' failed verification: {problem}")
+    def _make_factory(self):
+        info = self.info
+        return _native.TensorFactory(
+            self.archive,
+            swap=self.swap,
+            all_cpu=_maps_everything_to_cpu(self.map_location),
+            verify=self.verify,
+            mapping=self.mapping,
+            torch_fns={
+                "empty_strided": info.empty_strided,
+                "empty": info.empty,
+                "UntypedStorage": info.UntypedStorage,
+                "frombuffer": info.frombuffer,
+                "set_tensor_metadata": info.set_tensor_metadata,
+                "uint8": info.uint8,
+            },
+            sizes=info.sizes,
+            fallbacks={
+                "persistent_load": self.persistent_load,
+                "rebuild_tensor_v2": self.rebuild_tensor_v2,
+                "rebuild_tensor_v3": self.rebuild_tensor_v3,
+                "mapped_storage": self._cpu_storage,
+            },
+        )
 
     # -- persistent ids
 
@@ -457,8 +479,6 @@ class _ZipLoader:
             )
         entry = self.storages.get(key)
         if entry is not None:
-            if type(entry) is _PendingStorage:
-                self.produced += 1
             return entry
         info = self.info
         if storage_type is info.UntypedStorage:
@@ -486,11 +506,7 @@ class _ZipLoader:
                 f"declares {numel} elements of {dtype} ({nbytes} bytes)"
             )
         swap = info.swap_size(dtype) if self.swap else 0
-        if self.lazy and self.lands_on_cpu(location):
-            entry = _PendingStorage(key, record, dtype, nbytes, swap)
-            self.produced += 1
-        else:
-            entry = self._eager_storage(record, dtype, nbytes, swap, location)
+        entry = self._eager_storage(record, dtype, nbytes, swap, location)
         self.storages[key] = entry
         return entry
 
@@ -511,7 +527,6 @@ class _ZipLoader:
         if nbytes == 0:
             return info.UntypedStorage(0)
         if self.mapping is not None:
-            self._eager_records.append(record)
             return self._mapped_tensor(record, info.uint8, nbytes, swap).untyped_storage()
         untyped = info.UntypedStorage(nbytes)
         self.archive.read_into([(record, untyped.data_ptr(), nbytes, swap)], verify=self.verify)
@@ -551,39 +566,6 @@ class _ZipLoader:
                 f"reaches past the end of its {nbytes}-byte storage"
             )
 
-    def _tensor_from_pending(self, pending: _PendingStorage, dtype, offset, size, stride):
-        info = self.info
-        itemsize = info.itemsize.get(dtype, 1)
-        self._check_view(
-            pending.nbytes, itemsize, offset, size, stride,
-            f"record '{self.archive.prefix}/{pending.record}'",
-        )
-        self.consumed += 1
-        if pending.storage is None:
-            numel = pending.nbytes // itemsize
-            swap = pending.swap and info.swap_size(dtype)
-            dense = offset == 0 and numel * itemsize == pending.nbytes and _is_dense(size, stride, numel)
-            if self.mapping is not None:
-                if dense and pending.nbytes:
-                    t = self._mapped_tensor(pending.record, dtype, pending.nbytes, swap)
-                    if len(size) != 1 or size[0] != numel or stride[0] != 1:
-                        t.as_strided_(size, stride, 0)
-                    pending.storage = t.untyped_storage()
-                    return t
-                pending.storage = self._cpu_storage(pending.record, pending.nbytes, swap)
-            elif dense and pending.nbytes:
-                t = info.empty_strided(size, stride, dtype=dtype)
-                pending.storage = t.untyped_storage()
-                self.jobs.append((pending.record, t.data_ptr(), pending.nbytes, swap))
-                return t
-            else:
-                pending.storage = info.UntypedStorage(pending.nbytes)
-                if pending.nbytes:
-                    self.jobs.append(
-                        (pending.record, pending.storage.data_ptr(), pending.nbytes, swap)
-                    )
-        return info.empty((0,), dtype=dtype).set_(pending.storage, offset, size, stride)
-
     def _tensor_from_typed(self, typed, dtype, offset, size, stride):
         info = self.info
         untyped = typed._untyped_storage
@@ -611,51 +593,35 @@ class _ZipLoader:
 
     def rebuild_tensor_v2(self, storage, storage_offset, size, stride, requires_grad,
                           backward_hooks, metadata=None):
-        if type(storage) is _PendingStorage:
-            t = self._tensor_from_pending(storage, storage.dtype, storage_offset, size, stride)
-        elif isinstance(storage, self.info.TypedStorage):
-            t = self._tensor_from_typed(storage, storage.dtype, storage_offset, size, stride)
-        else:
+        if not isinstance(storage, self.info.TypedStorage):
             raise _unpickling_error(
                 f"{self.file}: _rebuild_tensor_v2 received {type(storage).__name__}, not a storage"
             )
+        t = self._tensor_from_typed(storage, storage.dtype, storage_offset, size, stride)
         return self._finish_tensor(t, requires_grad, backward_hooks, metadata)
 
     def rebuild_tensor_v3(self, storage, storage_offset, size, stride, requires_grad,
                           backward_hooks, dtype, metadata=None):
         if type(dtype) is not type(self.info.uint8):
             raise _unpickling_error(f"{self.file}: _rebuild_tensor_v3 dtype is {dtype!r}")
-        if type(storage) is _PendingStorage:
-            t = self._tensor_from_pending(storage, dtype, storage_offset, size, stride)
-        elif isinstance(storage, self.info.TypedStorage):
-            t = self._tensor_from_typed(storage, dtype, storage_offset, size, stride)
-        else:
+        if not isinstance(storage, self.info.TypedStorage):
             raise _unpickling_error(
                 f"{self.file}: _rebuild_tensor_v3 received {type(storage).__name__}, not a storage"
             )
+        t = self._tensor_from_typed(storage, dtype, storage_offset, size, stride)
         return self._finish_tensor(t, requires_grad, backward_hooks, metadata)
 
     def rebuild_tensor(self, storage, storage_offset, size, stride):
-        return self.rebuild_tensor_v2(storage, storage_offset, size, stride, False, None)
+        rebuild = self.factory.rebuild_tensor_v2 if self.factory else self.rebuild_tensor_v2
+        return rebuild(storage, storage_offset, size, stride, False, None)
 
     def materialize(self, storage):
         """A real TypedStorage for a pending one (for functions that take storages)."""
-        if type(storage) is not _PendingStorage:
+        if self.factory is None or not isinstance(storage, _native.PendingStorage):
             return storage
-        self.consumed += 1
-        if storage.storage is None:
-            if self.mapping is not None:
-                storage.storage = self._cpu_storage(storage.record, storage.nbytes, storage.swap)
-            else:
-                storage.storage = self.info.UntypedStorage(storage.nbytes)
-                if storage.nbytes:
-                    self.jobs.append(
-                        (storage.record, storage.storage.data_ptr(), storage.nbytes, storage.swap)
-                    )
-        typed = self.info.TypedStorage(
-            wrap_storage=storage.storage, dtype=storage.dtype, _internal=True
+        return self.info.TypedStorage(
+            wrap_storage=storage.untyped(self.factory), dtype=storage.dtype, _internal=True
         )
-        return typed
 
     def rebuild_qtensor(self, storage, *args):
         return self.info.torch._utils._rebuild_qtensor(self.materialize(storage), *args)
@@ -692,10 +658,11 @@ class _ZipLoader:
         return override
 
     def _override(self, full: str):
+        fast = self.factory
         if full == "torch._utils._rebuild_tensor_v2":
-            return self.rebuild_tensor_v2
+            return fast.rebuild_tensor_v2 if fast is not None else self.rebuild_tensor_v2
         if full == "torch._utils._rebuild_tensor_v3":
-            return self.rebuild_tensor_v3
+            return fast.rebuild_tensor_v3 if fast is not None else self.rebuild_tensor_v3
         if full == "torch._utils._rebuild_tensor":
             return self.rebuild_tensor
         if full == "torch._utils._rebuild_qtensor":
@@ -737,19 +704,25 @@ except ImportError:  # pragma: no cover
     struct_error = ValueError  # type: ignore[misc,assignment]
 
 
-def _is_dense(size, stride, numel: int) -> bool:
-    """True when (size, stride) covers exactly ``numel`` elements with no gaps or
-    overlaps (row-major or any permutation of it), so it owns its whole storage."""
-    if len(size) == 1:
-        return size[0] == numel and (stride[0] == 1 or numel <= 1)
-    expected = 1
-    for n, s in sorted(zip(size, stride), key=lambda p: p[1]):
-        if n == 1:
-            continue
-        if s != expected:
-            return False
-        expected *= n
-    return expected == numel
+def _cpu_stays_cpu(map_location) -> bool:
+    """True when storages tagged 'cpu' stay on the CPU without running user code, so
+    the native factory may build them (other storages still go through map_location)."""
+    if map_location is None:
+        return True
+    if isinstance(map_location, dict):
+        return map_location.get("cpu", "cpu") == "cpu"
+    return _maps_everything_to_cpu(map_location)
+
+
+def _maps_everything_to_cpu(map_location) -> bool:
+    """True for map_location values that send every storage to the CPU."""
+    if isinstance(map_location, (str, bytes)):
+        return (map_location.decode() if isinstance(map_location, bytes) else map_location) == "cpu"
+    if map_location is not None and "torch" in sys.modules:
+        torch = sys.modules["torch"]
+        if isinstance(map_location, torch.device):
+            return map_location.type == "cpu"
+    return False
 
 
 def _is_meta_location(map_location) -> bool:
@@ -1110,7 +1083,8 @@ def save(
 
     state = _SaveState()
     buf = io.BytesIO()
-    _pickler_class(pickle_module)(buf, pickle_protocol, state).dump(obj)
+    with _gc_paused():
+        _pickler_class(pickle_module)(buf, pickle_protocol, state).dump(obj)
     pickled = buf.getbuffer()
 
     writer = _native.ArchiveWriter(target, prefix, atomic=atomic) if _is_path(f) else _native.ArchiveWriter(target, prefix)

@@ -21,9 +21,11 @@ pub struct PickleScan {
     pub unsafe_opcodes: Vec<String>,
 }
 
-#[derive(Clone, Debug)]
+/// What the scanner tracks of a stack value: strings as byte ranges of the pickle
+/// (no allocation per string), persistent ids, and everything else.
+#[derive(Clone, Copy, Debug)]
 enum Val {
-    Str(String),
+    Str(usize, usize),
     Persid,
     Other,
 }
@@ -91,7 +93,12 @@ pub fn scan(data: &[u8]) -> Result<PickleScan> {
     let mut out = PickleScan::default();
     let mut stack: Vec<Val> = Vec::new();
     let mut marks: Vec<usize> = Vec::new();
-    let mut memo: std::collections::HashMap<u64, Val> = std::collections::HashMap::new();
+    // Indexed by memo key; the bound checked at every PUT keeps it small.
+    let mut memo: Vec<Option<Val>> = Vec::new();
+    let range = |s: &Scanner<'_>, b: &[u8]| -> Val {
+        let end = s.pos;
+        Val::Str(end - b.len(), end)
+    };
     let mut memo_puts = 0u64;
     let mut seen = std::collections::HashSet::new();
 
@@ -143,7 +150,7 @@ pub fn scan(data: &[u8]) -> Result<PickleScan> {
             }
             b'1' => pop_mark!(),
             b'2' => {
-                let top = stack.last().cloned().ok_or_else(|| s.err("DUP on empty stack"))?;
+                let top = *stack.last().ok_or_else(|| s.err("DUP on empty stack"))?;
                 if matches!(top, Val::Persid) {
                     out.persistent_id_reused = true;
                 }
@@ -196,27 +203,31 @@ pub fn scan(data: &[u8]) -> Result<PickleScan> {
             }
             b'S' => {
                 let l = s.line()?;
-                let t = text(l);
-                push!(Val::Str(t.trim_matches(|c| c == '\'' || c == '"').to_string()))
+                // The line ends one byte (the newline) before the position.
+                let end = s.pos - 1;
+                let start = end - l.len();
+                let quoted = l.len() >= 2 && (l[0] == b'\'' || l[0] == b'"');
+                push!(if quoted { Val::Str(start + 1, end - 1) } else { Val::Str(start, end) })
             }
             b'V' => {
                 let l = s.line()?;
-                push!(Val::Str(text(l)))
+                let end = s.pos - 1;
+                push!(Val::Str(end - l.len(), end))
             }
             b'T' | b'X' => {
                 let n = s.le(4)?;
                 let b = s.take(n)?;
-                push!(Val::Str(text(b)))
+                push!(range(&s, b))
             }
             b'U' | 0x8c => {
                 let n = s.le(1)?;
                 let b = s.take(n)?;
-                push!(Val::Str(text(b)))
+                push!(range(&s, b))
             }
             0x8d => {
                 let n = s.le(8)?;
                 let b = s.take(n)?;
-                push!(Val::Str(text(b)))
+                push!(range(&s, b))
             }
             b'B' => {
                 let n = s.le(4)?;
@@ -256,7 +267,9 @@ pub fn scan(data: &[u8]) -> Result<PickleScan> {
                 let name = pop!();
                 let module = pop!();
                 match (module, name) {
-                    (Val::Str(m), Val::Str(n)) => add_global(&mut out, m, n),
+                    (Val::Str(m0, m1), Val::Str(n0, n1)) => {
+                        add_global(&mut out, text(&data[m0..m1]), text(&data[n0..n1]))
+                    }
                     _ => add_global(&mut out, "<dynamic>".into(), "<dynamic>".into()),
                 }
                 push!(Val::Other)
@@ -298,9 +311,9 @@ pub fn scan(data: &[u8]) -> Result<PickleScan> {
                     b'h' => s.le(1)?,
                     _ => s.le(4)?,
                 };
-                let v = memo
-                    .get(&idx)
-                    .cloned()
+                let v = usize::try_from(idx)
+                    .ok()
+                    .and_then(|i| memo.get(i).copied().flatten())
                     .ok_or_else(|| s.err(format!("memo key {idx} read before it is written")))?;
                 push!(v)
             }
@@ -309,18 +322,22 @@ pub fn scan(data: &[u8]) -> Result<PickleScan> {
                     b'p' => parse_index(s.line()?).ok_or_else(|| s.err("bad PUT index"))?,
                     b'q' => s.le(1)?,
                     b'r' => s.le(4)?,
-                    _ => memo.len() as u64,
+                    _ => memo_puts,
                 };
                 if idx > memo_puts * 2 + MEMO_SLACK {
                     return Err(Error::LimitExceeded(format!(
                         "pickle memo index {idx} at byte {op_pos} is far beyond the {memo_puts} values memoized so far (memo abuse)"
                     )));
                 }
-                let top = stack.last().cloned().ok_or_else(|| s.err("PUT on empty stack"))?;
+                let top = *stack.last().ok_or_else(|| s.err("PUT on empty stack"))?;
                 if matches!(top, Val::Persid) {
                     out.persistent_id_reused = true;
                 }
-                memo.insert(idx, top);
+                let i = idx as usize;
+                if i >= memo.len() {
+                    memo.resize(i + 1, None);
+                }
+                memo[i] = Some(top);
                 memo_puts += 1;
             }
             0x80 => out.protocol = s.u8()?,

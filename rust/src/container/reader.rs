@@ -93,6 +93,8 @@ pub struct Record {
 
 /// Limits that keep hostile archives from making us allocate or loop without bound.
 pub const MAX_ENTRIES: u64 = 1 << 26;
+/// Deflate's largest possible expansion (zlib's "1032:1" limit).
+const MAX_DEFLATE_RATIO: u64 = 1032;
 const MAX_EOCD_SEARCH: u64 = (END_OF_CENTRAL_DIRECTORY_SIZE + u16::MAX as usize) as u64;
 /// Local headers are read in windows of this size, so many small records cost few reads.
 const HEADER_WINDOW: usize = 1 << 20;
@@ -311,6 +313,19 @@ impl Archive {
                     format!("stored record declares {csize} bytes stored but {size} bytes of data"),
                 ));
             }
+            // Deflate cannot expand data more than MAX_DEFLATE_RATIO times, so a larger
+            // declared size is a lie; refusing it here bounds every later allocation
+            // by the file's own size.
+            if compression == Compression::Deflated
+                && size > csize.saturating_mul(MAX_DEFLATE_RATIO).saturating_add(64)
+            {
+                return Err(Error::bad_record(
+                    &name,
+                    format!(
+                        "declares {size} bytes of data, more than its {csize} compressed bytes can hold"
+                    ),
+                ));
+            }
             records.push(Record {
                 name,
                 compression,
@@ -381,8 +396,9 @@ impl Archive {
         let plen = self.prefix.len() + 1;
         self.records
             .iter()
-            .filter(|r| self.get(&r.name[plen.min(r.name.len())..]).is_some())
-            .map(|r| &r.name[plen..])
+            // `get`, not slicing: another record's name may have a multi-byte
+            // character across the prefix length.
+            .filter_map(|r| r.name.get(plen..).filter(|n| self.get(n).is_some()))
             .collect()
     }
 
@@ -407,7 +423,12 @@ impl Archive {
                 format!("declares {} bytes, more than the whole file", rec.size),
             ));
         }
-        let mut buf = vec![0u8; len];
+        // A failed allocation is an error to report, not a process abort.
+        let mut buf = Vec::new();
+        buf.try_reserve_exact(len).map_err(|_| {
+            Error::bad_record(&rec.name, format!("cannot allocate {len} bytes to read it"))
+        })?;
+        buf.resize(len, 0);
         self.read_into(rec, &mut buf, verify_crc)?;
         Ok(buf)
     }

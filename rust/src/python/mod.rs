@@ -3,6 +3,7 @@
 
 mod buffers;
 mod errors;
+mod factory;
 mod reader;
 mod writer;
 
@@ -89,6 +90,8 @@ fn _fastserial(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<writer::PyArchiveWriter>()?;
     m.add_class::<buffers::MappedBuffer>()?;
     m.add_class::<buffers::OwnedBuffer>()?;
+    m.add_class::<factory::TensorFactory>()?;
+    m.add_class::<factory::PendingStorage>()?;
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(scan_pickle, m)?)?;

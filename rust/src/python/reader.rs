@@ -39,8 +39,8 @@ impl AsRef<[u8]> for SharedMap {
 
 #[pyclass(name = "Archive", module = "fastserial._fastserial", frozen)]
 pub struct PyArchive {
-    archive: Archive,
-    file: String,
+    pub(crate) archive: Archive,
+    pub(crate) file: String,
     mapping: Option<Py<MappedBuffer>>,
 }
 

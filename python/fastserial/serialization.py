@@ -867,160 +867,64 @@ def _load_safetensors(path: str, map_location):
 # --------------------------------------------------------------------------- save
 
 
-class _StorageRef:
-    """Stands for a storage in the pickle stream; persistent_id turns it into its id."""
+def _save_helper():
+    """The native pickler hooks for one save, with torch's persistent_id semantics for
+    storages met directly (TypedStorage / UntypedStorage objects) defined here."""
+    info = _TorchInfo.get()
+    torch = info.torch
 
-    __slots__ = ("pid",)
-
-    def __init__(self, pid):
-        self.pid = pid
-
-
-class _SaveState:
-    """The storages one save has met, in first-seen order, keyed like torch."""
-
-    def __init__(self) -> None:
-        self.info = _TorchInfo.get()
-        self.refs: dict[int, _StorageRef] = {}
-        self.storages: dict[str, Any] = {}
-        self.dtype_by_ptr: dict[int, Any] = {}
-
-    def _check_dtype(self, untyped, dtype) -> None:
-        if untyped.device.type == "meta":
-            return
-        ptr = untyped.data_ptr()
-        if ptr == 0:
-            return
-        seen = self.dtype_by_ptr.setdefault(ptr, dtype)
-        if seen != dtype:
-            raise RuntimeError(
-                "Cannot save multiple tensors or storages that view the same data as different types"
-            )
-
-    def ref_for_tensor(self, untyped, dtype) -> _StorageRef:
-        cdata = untyped._cdata
-        ref = self.refs.get(cdata)
-        if ref is not None:
-            pid = ref.pid
-            if pid[1] is not self.info.UntypedStorage and self.info.storage_class_by_dtype.get(dtype) is not pid[1]:
-                self._check_dtype(untyped, dtype)
-            return ref
-        self._check_dtype(untyped, dtype)
-        info = self.info
-        key = str(len(self.storages))
-        if dtype in info.v3_dtypes:
-            pid = ("storage", info.UntypedStorage, key, _location.location_tag(untyped), untyped.nbytes())
-        else:
-            pid = (
-                "storage",
-                info.storage_class_by_dtype[dtype],
-                key,
-                _location.location_tag(untyped),
-                untyped.nbytes() // info.itemsize[dtype],
-            )
-        ref = _StorageRef(pid)
-        self.refs[cdata] = ref
-        self.storages[key] = untyped
-        return ref
-
-    def pid_for_storage(self, obj):
-        """torch's persistent_id for TypedStorage / UntypedStorage objects."""
-        info = self.info
+    def pid_for_storage(obj):
         if isinstance(obj, info.TypedStorage):
             untyped = obj._untyped_storage
             dtype = obj.dtype
-            storage_type = getattr(info.torch, obj._pickle_storage_type())
+            storage_type = getattr(torch, obj._pickle_storage_type())
             numel = obj._size()
         else:
             untyped = obj
             dtype = info.uint8
             storage_type = info.UntypedStorage
             numel = untyped.nbytes()
-        self._check_dtype(untyped, dtype)
-        cdata = untyped._cdata
-        ref = self.refs.get(cdata)
-        if ref is not None:
-            key = ref.pid[2]
-        else:
-            key = str(len(self.storages))
-            self.refs[cdata] = _StorageRef(("storage", storage_type, key, None, numel))
-            self.storages[key] = untyped
+        key = helper.key_for(untyped, dtype, storage_type, numel)
         fake = getattr(obj, "_fake_device", None)
         location = str(fake) if fake is not None else _location.location_tag(untyped)
         return ("storage", storage_type, key, location, numel)
+
+    helper = _native.SaveHelper(
+        {
+            "Tensor": info.Tensor,
+            "OrderedDict": OrderedDict,
+            "strided": info.strided,
+            "UntypedStorage": info.UntypedStorage,
+            "TypedStorage": info.TypedStorage,
+            "storage_classes": list(info.storage_classes),
+            "storage_class_by_dtype": info.storage_class_by_dtype,
+            "itemsize": info.itemsize,
+            "rebuild_v2": info.rebuild_tensor_v2,
+            "rebuild_v3": info.rebuild_tensor_v3,
+            "get_tensor_metadata": info.get_tensor_metadata,
+        },
+        {"pid_for_storage": pid_for_storage, "location_tag": _location.location_tag},
+    )
+    return helper
 
 
 _pickler_classes: dict = {}
 
 
 def _pickler_class(pickle_module):
+    """A Pickler subclass of ``pickle_module.Pickler`` whose hooks are a SaveHelper's.
+    Both C and pure-Python picklers read the hooks as instance attributes."""
     cls = _pickler_classes.get(pickle_module)
-    if cls is not None:
-        return cls
-    info = _TorchInfo.get()
-    Tensor = info.Tensor
-    storage_classes = info.storage_classes
-    TypedStorage = info.TypedStorage
-    strided = info.strided
-    v3_dtypes = info.v3_dtypes
-    get_metadata = info.get_tensor_metadata
-    rebuild_v2 = info.rebuild_tensor_v2
-    rebuild_v3 = info.rebuild_tensor_v3
-    base = pickle_module.Pickler
+    if cls is None:
 
-    class Pickler(base):  # type: ignore[misc,valid-type]
-        def __init__(self, file, protocol, state: _SaveState):
-            super().__init__(file, protocol)
-            self._state = state
+        class Pickler(pickle_module.Pickler):  # type: ignore[misc,name-defined]
+            def __init__(self, file, protocol, helper):
+                self.persistent_id = helper.persistent_id
+                self.reducer_override = helper.reducer_override
+                super().__init__(file, protocol)
 
-        def persistent_id(self, obj):
-            t = type(obj)
-            if t is _StorageRef:
-                return obj.pid
-            if t in storage_classes or isinstance(obj, TypedStorage):
-                return self._state.pid_for_storage(obj)
-            return None
-
-        def reducer_override(self, obj):
-            # Exactly what Tensor.__reduce_ex__ returns for a plain dense tensor without
-            # Python state or hooks, minus its per-tensor TypedStorage construction.
-            if type(obj) is not Tensor:
-                return NotImplemented
-            if (
-                obj.layout is not strided
-                or obj.is_quantized
-                or obj.is_nested
-                or obj.__dict__
-                or obj._backward_hooks
-                or not (obj.is_cpu or obj.is_cuda)
-            ):
-                return NotImplemented
-            dtype = obj.dtype
-            ref = self._state.ref_for_tensor(obj.untyped_storage(), dtype)
-            args = (
-                ref,
-                obj.storage_offset(),
-                tuple(obj.size()),
-                obj.stride(),
-                obj.requires_grad,
-                OrderedDict(),
-            )
-            metadata = get_metadata(obj)
-            if dtype in v3_dtypes:
-                args = args + (dtype,)
-                func = rebuild_v3
-            else:
-                func = rebuild_v2
-            if metadata:
-                args = args + (metadata,)
-            return (func, args)
-
-    if not hasattr(base, "reducer_override") and base is not pickle.Pickler:
-        # Very old pickle modules never call reducer_override; persistent_id still works
-        # because Tensor.__reduce_ex__ hands us TypedStorage objects.
-        pass
-    _pickler_classes[pickle_module] = Pickler
-    return Pickler
+        cls = _pickler_classes[pickle_module] = Pickler
+    return cls
 
 
 def _archive_prefix(path: str) -> str:
@@ -1081,10 +985,10 @@ def save(
             )
         target, prefix, atomic = f, "archive", False
 
-    state = _SaveState()
+    helper = _save_helper()
     buf = io.BytesIO()
     with _gc_paused():
-        _pickler_class(pickle_module)(buf, pickle_protocol, state).dump(obj)
+        _pickler_class(pickle_module)(buf, pickle_protocol, helper).dump(obj)
     pickled = buf.getbuffer()
 
     writer = _native.ArchiveWriter(target, prefix, atomic=atomic) if _is_path(f) else _native.ArchiveWriter(target, prefix)
@@ -1094,7 +998,7 @@ def save(
         writer.write_record(".storage_alignment", b"64")
         if not _disable_byteorder_record:
             writer.write_record("byteorder", sys.byteorder.encode())
-        _write_storages(writer, state.storages)
+        _write_storages(writer, helper.storages())
         writer.write_record("version", b"3\n")
         writer.write_record(".data/serialization_id", writer.serialization_id().encode())
         writer.finish(fsync=fsync)
@@ -1105,11 +1009,11 @@ def save(
         pickled.release()
 
 
-def _write_storages(writer, storages: dict) -> None:
+def _write_storages(writer, storages: list) -> None:
     """CPU storages go to the writer in one native call straight from their memory;
     device storages are copied to the CPU one at a time, so at most one is staged."""
     batch: list[tuple[str, int, int]] = []
-    for key, untyped in storages.items():
+    for key, untyped in storages:
         name = f"data/{key}"
         nbytes = untyped.nbytes()
         if untyped.device.type == "cpu":

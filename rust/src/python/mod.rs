@@ -4,6 +4,7 @@
 mod buffers;
 mod errors;
 mod factory;
+mod pickling;
 mod reader;
 mod writer;
 
@@ -92,6 +93,8 @@ fn _fastserial(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<buffers::OwnedBuffer>()?;
     m.add_class::<factory::TensorFactory>()?;
     m.add_class::<factory::PendingStorage>()?;
+    m.add_class::<pickling::SaveHelper>()?;
+    m.add_class::<pickling::StorageRef>()?;
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(scan_pickle, m)?)?;

@@ -998,7 +998,7 @@ def save(
         writer.write_record(".storage_alignment", b"64")
         if not _disable_byteorder_record:
             writer.write_record("byteorder", sys.byteorder.encode())
-        _write_storages(writer, helper.storages())
+        _write_storages(writer, helper.write_plan())
         writer.write_record("version", b"3\n")
         writer.write_record(".data/serialization_id", writer.serialization_id().encode())
         writer.finish(fsync=fsync)
@@ -1009,23 +1009,16 @@ def save(
         pickled.release()
 
 
-def _write_storages(writer, storages: list) -> None:
-    """CPU storages go to the writer in one native call straight from their memory;
-    device storages are copied to the CPU one at a time, so at most one is staged."""
-    batch: list[tuple[str, int, int]] = []
-    for key, untyped in storages:
-        name = f"data/{key}"
-        nbytes = untyped.nbytes()
-        if untyped.device.type == "cpu":
-            batch.append((name, untyped.data_ptr(), nbytes))
+def _write_storages(writer, plan: list) -> None:
+    """CPU storages go to the writer straight from their memory, many per native call;
+    a device storage is copied to the CPU on its own, so at most one is staged."""
+    for step in plan:
+        if isinstance(step, list):
+            writer.write_storages(step)
             continue
-        if batch:
-            writer.write_storages(batch)
-            batch = []
+        record, untyped = step
         if untyped.device.type == "meta":
-            raise RuntimeError(f"cannot save the data of meta storage '{key}': it has none")
+            raise RuntimeError(f"cannot save the data of meta storage '{record}': it has none")
         cpu = untyped.cpu()
-        writer.write_storages([(name, cpu.data_ptr(), nbytes)])
+        writer.write_storages([(record, cpu.data_ptr(), cpu.nbytes())])
         del cpu
-    if batch:
-        writer.write_storages(batch)

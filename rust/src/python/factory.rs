@@ -11,6 +11,7 @@
 use std::collections::HashMap;
 
 use pyo3::exceptions::PyRuntimeError;
+use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyString, PyTuple};
 
@@ -127,7 +128,7 @@ impl TensorFactory {
             return Ok(s.clone_ref(py));
         }
         if let Some(first) = &p.first {
-            let s = first.bind(py).call_method0("untyped_storage")?.unbind();
+            let s = first.bind(py).call_method0(intern!(py, "untyped_storage"))?.unbind();
             p.storage = Some(s.clone_ref(py));
             return Ok(s);
         }
@@ -138,7 +139,7 @@ impl TensorFactory {
         } else {
             let s = self.torch.untyped_storage.call1(py, (p.nbytes,))?;
             if p.nbytes > 0 {
-                let ptr: usize = s.call_method0(py, "data_ptr")?.extract(py)?;
+                let ptr: usize = s.call_method0(py, intern!(py, "data_ptr"))?.extract(py)?;
                 self.jobs.push((p.record, ptr, p.nbytes, p.swap));
             }
             s
@@ -206,24 +207,24 @@ impl TensorFactory {
         let dense = off == 0 && numel as usize * itemsize == nbytes && nbytes > 0 && is_dense(&size, &stride, numel);
         if !has_storage && dense {
             let kwargs = PyDict::new(py);
-            kwargs.set_item("dtype", dtype)?;
+            kwargs.set_item(intern!(py, "dtype"), dtype)?;
             if let Some(mapping) = &self.mapping {
                 let archive = self.archive(py);
                 let rec = &archive.archive.records()[record];
                 let plain = rec.compression == Compression::Stored && swap <= 1 && rec.data_offset % itemsize as u64 == 0;
                 if plain {
-                    kwargs.set_item("count", numel)?;
-                    kwargs.set_item("offset", rec.data_offset)?;
+                    kwargs.set_item(intern!(py, "count"), numel)?;
+                    kwargs.set_item(intern!(py, "offset"), rec.data_offset)?;
                     let t = self.torch.frombuffer.call(py, (mapping.clone_ref(py),), Some(&kwargs))?;
                     if size.len() != 1 || size[0] != numel || stride[0] != 1 {
-                        t.call_method1(py, "as_strided_", (size_obj, stride_obj, 0))?;
+                        t.call_method1(py, intern!(py, "as_strided_"), (size_obj, stride_obj, 0))?;
                     }
                     pending.borrow_mut().first = Some(t.clone_ref(py));
                     return Ok(t);
                 }
             } else {
                 let t = self.torch.empty_strided.call(py, (size_obj, stride_obj), Some(&kwargs))?;
-                let ptr: usize = t.call_method0(py, "data_ptr")?.extract(py)?;
+                let ptr: usize = t.call_method0(py, intern!(py, "data_ptr"))?.extract(py)?;
                 self.jobs.push((record, ptr, nbytes, swap));
                 self.keepalive.push(t.clone_ref(py));
                 pending.borrow_mut().first = Some(t.clone_ref(py));
@@ -236,9 +237,9 @@ impl TensorFactory {
         }
         let storage = self.storage_of(py, pending)?;
         let kwargs = PyDict::new(py);
-        kwargs.set_item("dtype", dtype)?;
+        kwargs.set_item(intern!(py, "dtype"), dtype)?;
         let t = self.torch.empty.call(py, ((0,),), Some(&kwargs))?;
-        t.call_method1(py, "set_", (storage, offset, size_obj, stride_obj))
+        t.call_method1(py, intern!(py, "set_"), (storage, offset, size_obj, stride_obj))
     }
 
     fn finish_tensor(
@@ -250,7 +251,7 @@ impl TensorFactory {
         metadata: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Py<PyAny>> {
         if requires_grad.is_truthy()? {
-            t.setattr(py, "requires_grad", true)?;
+            t.setattr(py, intern!(py, "requires_grad"), true)?;
         }
         if let Some(m) = metadata {
             if m.is_truthy()? {
@@ -258,7 +259,7 @@ impl TensorFactory {
             }
         }
         if !hooks.is_none() && hooks.is_truthy()? {
-            t.setattr(py, "_backward_hooks", hooks)?;
+            t.setattr(py, intern!(py, "_backward_hooks"), hooks)?;
         }
         Ok(t)
     }
@@ -459,7 +460,7 @@ impl TensorFactory {
         let dtype = if storage_type.is(self.untyped_cls.bind(py)) {
             self.uint8.clone_ref(py)
         } else {
-            match storage_type.getattr("dtype") {
+            match storage_type.getattr(intern!(py, "dtype")) {
                 Ok(d) if self.sizes.bind(py).contains(&d)? => d.unbind(),
                 _ => return Ok(None),
             }

@@ -11,6 +11,7 @@
 use std::collections::HashMap;
 
 use pyo3::exceptions::PyRuntimeError;
+use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyString, PyTuple};
 
@@ -26,6 +27,15 @@ impl StorageRef {
     fn pid(&self, py: Python<'_>) -> Py<PyTuple> {
         self.pid.clone_ref(py)
     }
+}
+
+/// A storage to write: where its bytes are, captured when the pickler met it.
+struct SeenStorage {
+    key: String,
+    untyped: Py<PyAny>,
+    address: usize,
+    nbytes: usize,
+    on_cpu: bool,
 }
 
 #[pyclass(module = "fastserial._fastserial")]
@@ -51,13 +61,14 @@ pub struct SaveHelper {
     storage_types: Vec<Py<PyAny>>,
     typed_storage_cls: Py<PyAny>,
     refs: HashMap<usize, Py<StorageRef>>,
-    storages: Vec<(String, Py<PyAny>)>,
+    storages: Vec<SeenStorage>,
     dtype_by_ptr: HashMap<usize, Py<PyAny>>,
 }
 
 impl SaveHelper {
-    fn check_dtype(&mut self, py: Python<'_>, untyped: &Bound<'_, PyAny>, dtype: &Bound<'_, PyAny>) -> PyResult<()> {
-        let ptr: usize = untyped.call_method0("data_ptr")?.extract()?;
+    /// Records `dtype` as the type viewing the data at `ptr`; two types viewing the same
+    /// data cannot be saved (torch refuses the same way).
+    fn check_dtype(&mut self, py: Python<'_>, ptr: usize, dtype: &Bound<'_, PyAny>) -> PyResult<()> {
         if ptr == 0 {
             return Ok(());
         }
@@ -73,9 +84,9 @@ impl SaveHelper {
         Ok(())
     }
 
-    fn location(&self, py: Python<'_>, untyped: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
-        let is_cpu: bool = untyped.getattr("is_cpu").map(|v| v.is_truthy()).unwrap_or(Ok(false))?;
-        if is_cpu {
+    /// The storage's location tag; `on_cpu` when the caller already knows it is 'cpu'.
+    fn location(&self, py: Python<'_>, untyped: &Bound<'_, PyAny>, on_cpu: bool) -> PyResult<Py<PyAny>> {
+        if on_cpu {
             return Ok(self.cpu_tag.clone_ref(py).into_any());
         }
         self.py_location_tag.call1(py, (untyped,))
@@ -145,7 +156,7 @@ impl SaveHelper {
             // An empty OrderedDict without attributes (every tensor's hooks): the
             // same GLOBAL + EMPTY_TUPLE + REDUCE that copyreg would produce, minus copyreg.
             let empty = obj.len()? == 0;
-            let plain = match obj.getattr("__dict__") {
+            let plain = match obj.getattr(intern!(py, "__dict__")) {
                 Ok(d) => !d.is_truthy()?,
                 Err(_) => true,
             };
@@ -158,31 +169,30 @@ impl SaveHelper {
             return Ok(py.NotImplemented());
         }
         // The plain-tensor conditions of Tensor.__reduce_ex__'s fast path.
-        let layout_ok = obj.getattr("layout")?.is(self.strided.bind(py));
+        let layout_ok = obj.getattr(intern!(py, "layout"))?.is(self.strided.bind(py));
+        let on_cpu = obj.getattr(intern!(py, "is_cpu"))?.is_truthy()?;
         if !layout_ok
-            || obj.getattr("is_quantized")?.is_truthy()?
-            || obj.getattr("is_nested")?.is_truthy()?
-            || obj.getattr("__dict__")?.is_truthy()?
-            || obj.getattr("_backward_hooks")?.is_truthy()?
-            || !(obj.getattr("is_cpu")?.is_truthy()? || obj.getattr("is_cuda")?.is_truthy()?)
+            || obj.getattr(intern!(py, "is_quantized"))?.is_truthy()?
+            || obj.getattr(intern!(py, "is_nested"))?.is_truthy()?
+            || obj.getattr(intern!(py, "__dict__"))?.is_truthy()?
+            || obj.getattr(intern!(py, "_backward_hooks"))?.is_truthy()?
+            || !(on_cpu || obj.getattr(intern!(py, "is_cuda"))?.is_truthy()?)
         {
             return Ok(py.NotImplemented());
         }
-        let dtype = obj.getattr("dtype")?;
-        let untyped = obj.call_method0("untyped_storage")?;
-        let cdata: usize = untyped.getattr("_cdata")?.extract()?;
+        let dtype = obj.getattr(intern!(py, "dtype"))?;
+        let untyped = obj.call_method0(intern!(py, "untyped_storage"))?;
+        let cdata: usize = untyped.getattr(intern!(py, "_cdata"))?.extract()?;
         let storage_class = self.storage_class_by_dtype.bind(py).get_item(&dtype)?;
         let v3 = storage_class.is_none();
         let existing = self.refs.get(&cdata).map(|r| r.clone_ref(py));
+        let address: usize = untyped.call_method0(intern!(py, "data_ptr"))?.extract()?;
+        self.check_dtype(py, address, &dtype)?;
         let r = match existing {
-            Some(r) => {
-                self.check_dtype(py, &untyped, &dtype)?;
-                r
-            }
+            Some(r) => r,
             None => {
-                self.check_dtype(py, &untyped, &dtype)?;
                 let key = PyString::new(py, &self.storages.len().to_string());
-                let nbytes: usize = untyped.call_method0("nbytes")?.extract()?;
+                let nbytes: usize = untyped.call_method0(intern!(py, "nbytes"))?.extract()?;
                 let (cls, numel) = match &storage_class {
                     Some(cls) => {
                         let size: usize = self.itemsize.bind(py).get_item(&dtype)?.map(|v| v.extract()).transpose()?.unwrap_or(1);
@@ -190,7 +200,7 @@ impl SaveHelper {
                     }
                     None => (self.untyped_cls.clone_ref(py), nbytes),
                 };
-                let location = self.location(py, &untyped)?;
+                let location = self.location(py, &untyped, on_cpu)?;
                 let pid = PyTuple::new(
                     py,
                     [
@@ -204,17 +214,23 @@ impl SaveHelper {
                 .unbind();
                 let r = Py::new(py, StorageRef { pid })?;
                 self.refs.insert(cdata, r.clone_ref(py));
-                self.storages.push((key.to_string(), untyped.clone().unbind()));
+                self.storages.push(SeenStorage {
+                    key: key.to_string(),
+                    untyped: untyped.clone().unbind(),
+                    address,
+                    nbytes,
+                    on_cpu,
+                });
                 r
             }
         };
         let hooks = self.ordered_dict.call0(py)?;
         let mut args: Vec<Py<PyAny>> = vec![
             r.into_any(),
-            obj.call_method0("storage_offset")?.unbind(),
-            PyTuple::new(py, obj.call_method0("size")?.try_iter()?.collect::<PyResult<Vec<_>>>()?)?.into_any().unbind(),
-            obj.call_method0("stride")?.unbind(),
-            obj.getattr("requires_grad")?.unbind(),
+            obj.call_method0(intern!(py, "storage_offset"))?.unbind(),
+            PyTuple::new(py, obj.call_method0(intern!(py, "size"))?.try_iter()?.collect::<PyResult<Vec<_>>>()?)?.into_any().unbind(),
+            obj.call_method0(intern!(py, "stride"))?.unbind(),
+            obj.getattr(intern!(py, "requires_grad"))?.unbind(),
             hooks,
         ];
         if v3 {
@@ -231,16 +247,20 @@ impl SaveHelper {
     /// Registers a storage met directly (not through a tensor) and returns its key:
     /// the same key space as tensors' storages, so sharing is kept.
     fn key_for(&mut self, py: Python<'_>, untyped: &Bound<'_, PyAny>, dtype: &Bound<'_, PyAny>, pid_type: Py<PyAny>, numel: usize) -> PyResult<String> {
-        let meta = untyped.getattr("is_meta").map(|v| v.is_truthy()).unwrap_or(Ok(false))?;
-        if !meta {
-            self.check_dtype(py, untyped, dtype)?;
-        }
-        let cdata: usize = untyped.getattr("_cdata")?.extract()?;
+        let device_type = untyped.getattr(intern!(py, "device"))?.getattr(intern!(py, "type"))?;
+        let device_type: String = device_type.extract()?;
+        let address: usize = if device_type == "meta" {
+            0
+        } else {
+            untyped.call_method0(intern!(py, "data_ptr"))?.extract()?
+        };
+        self.check_dtype(py, address, dtype)?;
+        let cdata: usize = untyped.getattr(intern!(py, "_cdata"))?.extract()?;
         if let Some(r) = self.refs.get(&cdata) {
             return r.get().pid.bind(py).get_item(2)?.extract();
         }
         let key = self.storages.len().to_string();
-        let location = self.location(py, untyped)?;
+        let location = self.location(py, untyped, false)?;
         let pid = PyTuple::new(
             py,
             [
@@ -253,12 +273,37 @@ impl SaveHelper {
         )?
         .unbind();
         self.refs.insert(cdata, Py::new(py, StorageRef { pid })?);
-        self.storages.push((key.clone(), untyped.clone().unbind()));
+        let nbytes: usize = untyped.call_method0(intern!(py, "nbytes"))?.extract()?;
+        self.storages.push(SeenStorage {
+            key: key.clone(),
+            untyped: untyped.clone().unbind(),
+            address,
+            nbytes,
+            on_cpu: device_type == "cpu",
+        });
         Ok(key)
     }
 
-    /// `[(key, untyped_storage)]` in first-seen order.
-    fn storages<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
-        PyList::new(py, self.storages.iter().map(|(k, s)| (k.clone(), s.clone_ref(py))))
+    /// How to write the storages, in key order: runs of CPU storages as one list of
+    /// `(record, address, nbytes)` for `ArchiveWriter.write_storages`, and each device
+    /// storage as `(record, untyped_storage)` to be staged through the CPU.
+    fn write_plan<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let plan = PyList::empty(py);
+        let mut run: Vec<(String, usize, usize)> = Vec::new();
+        for s in &self.storages {
+            let record = format!("data/{}", s.key);
+            if s.on_cpu {
+                run.push((record, s.address, s.nbytes));
+                continue;
+            }
+            if !run.is_empty() {
+                plan.append(PyList::new(py, std::mem::take(&mut run))?)?;
+            }
+            plan.append((record, s.untyped.clone_ref(py)))?;
+        }
+        if !run.is_empty() {
+            plan.append(PyList::new(py, run)?)?;
+        }
+        Ok(plan)
     }
 }

@@ -14,10 +14,12 @@ without it.
 from ._fastserial import CheckpointError, get_num_threads, set_num_threads
 from .location import register_package
 from .allowlist import add_safe_globals, clear_safe_globals, get_safe_globals, safe_globals
+from .patch import patch_torch
 from .serialization import (
     DEFAULT_PROTOCOL,
     LoadEndianness,
     get_default_load_endianness,
+    get_unsafe_globals_in_checkpoint,
     load,
     save,
     set_default_load_endianness,
@@ -38,6 +40,8 @@ __all__ = [
     "get_safe_globals",
     "clear_safe_globals",
     "safe_globals",
+    "get_unsafe_globals_in_checkpoint",
+    "patch_torch",
     "get_num_threads",
     "set_num_threads",
     "__version__",

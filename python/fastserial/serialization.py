@@ -386,7 +386,9 @@ class _ZipLoader:
                 f"{', '.join(scan['unsafe_opcodes'])}"
             )
         self.swap = self._byteorder() != sys.byteorder
-        globals_used = {f"{m}.{n}" for m, n in scan["globals"]}
+        globals_used = {
+            "{}.{}".format(*_canonical_global(m, n, scan["protocol"])) for m, n in scan["globals"]
+        }
         lazy = (
             not scan["persistent_id_reused"]
             and _cpu_stays_cpu(self.map_location)
@@ -629,12 +631,7 @@ class _ZipLoader:
     # -- globals
 
     def find_class(self, module: str, name: str, proto: int, fix_imports: bool):
-        if proto < 3 and fix_imports:
-            if (module, name) in _compat_pickle.NAME_MAPPING:
-                module, name = _compat_pickle.NAME_MAPPING[(module, name)]
-            elif module in _compat_pickle.IMPORT_MAPPING:
-                module = _compat_pickle.IMPORT_MAPPING[module]
-        module = _MODULE_RENAMES.get(module, module)
+        module, name = _canonical_global(module, name, proto, fix_imports)
         full = f"{module}.{name}"
         if module == "torch" and name.endswith("Storage"):
             info = self.info
@@ -668,6 +665,17 @@ class _ZipLoader:
         if full == "torch._utils._rebuild_qtensor":
             return self.rebuild_qtensor
         return None
+
+
+def _canonical_global(module: str, name: str, proto: int, fix_imports: bool = True):
+    """The (module, name) a global resolves to: Python 2 names mapped as pickle does
+    for protocols < 3, and torch's renamed modules."""
+    if proto < 3 and fix_imports:
+        if (module, name) in _compat_pickle.NAME_MAPPING:
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        elif module in _compat_pickle.IMPORT_MAPPING:
+            module = _compat_pickle.IMPORT_MAPPING[module]
+    return _MODULE_RENAMES.get(module, module), name
 
 
 def _refusal(file: str, full: str, blocked: bool = False) -> str:
@@ -1022,3 +1030,36 @@ def _write_storages(writer, plan: list) -> None:
         cpu = untyped.cpu()
         writer.write_storages([(record, cpu.data_ptr(), cpu.nbytes())])
         del cpu
+
+
+# --------------------------------------------------------------------------- inspection
+
+
+def get_unsafe_globals_in_checkpoint(f: FileLike) -> list[str]:
+    """The globals in ``f``'s pickle that a weights-only load would refuse, as
+    ``"module.name"`` strings, found without executing anything. Call
+    :func:`add_safe_globals` with the ones you trust, then load."""
+    opened = _open_checkpoint(f, mmap=False)
+    try:
+        if opened.kind != "zip":
+            raise ValueError(
+                f"{opened.display}: get_unsafe_globals_in_checkpoint supports zip checkpoints "
+                "(torch >= 1.6), not the legacy format"
+            )
+        archive = opened.archive
+        if not archive.has("data.pkl"):
+            raise CheckpointError(
+                f"{opened.display}: record '{archive.prefix}/data.pkl' is missing from the archive"
+            )
+        scan = _native.scan_pickle(archive.read("data.pkl"), opened.display)
+    finally:
+        opened.close()
+    allowed = set(_safe.builtin_safe_globals()) | set(_safe.user_safe_globals())
+    unsafe = []
+    for module, name in scan["globals"]:
+        module, name = _canonical_global(module, name, scan["protocol"])
+        full = f"{module}.{name}"
+        if full in allowed or _is_storage_global(full):
+            continue
+        unsafe.append(full)
+    return unsafe

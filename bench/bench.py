@@ -1,0 +1,540 @@
+#!/usr/bin/env python3
+"""fastserial benchmark: torch vs safetensors vs fastserial.
+
+    python bench/bench.py                        # full run (all workloads, all ops)
+    python bench/bench.py --quick                # smoke test with small sizes
+    python bench/bench.py --only torch,safetensors
+    python bench/bench.py --impl-module torch    # torch stands in for fastserial
+    python bench/bench.py --json out.json --markdown results.md
+
+See bench/README.md for what every number means.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+if len(sys.argv) >= 3 and sys.argv[1] == "--child":
+    # Fresh process used for peak-memory measurements (see _common.child_measure).
+    from _common import child_main
+
+    sys.exit(child_main(sys.argv[2]))
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+
+import _common
+import traceback
+from math import prod
+
+
+from _common import (
+    ALL_LIBS,
+    GiB,
+    MiB,
+    WORKLOAD_DESC,
+    WORKLOADS,
+    build_workload,
+    configure_process,
+    check_tmpdir,
+    data_bytes,
+    fmt_ratio,
+    fmt_size,
+    fmt_time,
+    iter_tensors,
+    log,
+    make_impls,
+    meta_lines,
+    raw_read_into,
+    raw_write,
+    render_table,
+    release_freed_memory,
+    rm,
+    run_child,
+    system_meta,
+    timed,
+    timed_write,
+    touch,
+    verify,
+    warm_file,
+    workload_shapes,
+)
+
+OPS = ("save", "load", "mmap", "mmap_touch", "load_other", "raw", "memory")
+TIME_OPS = ("save", "load", "mmap", "mmap_touch", "load_other")
+OP_LABEL = {
+    "save": "save",
+    "load": "eager load",
+    "mmap": "mmap load",
+    "mmap_touch": "mmap load + touch",
+    "load_other": "eager load, other lib's file (a)",
+}
+MEM_OPS = ("save", "load")
+MEM_LABEL = {"save": "peak RSS delta, save", "load": "peak RSS delta, eager load"}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description="Benchmark torch.save/torch.load vs safetensors vs fastserial.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--workloads", default=",".join(WORKLOADS), help="comma list of: " + ", ".join(WORKLOADS))
+    p.add_argument("--ops", default=",".join(OPS), help="comma list of: " + ", ".join(OPS))
+    p.add_argument("--only", default=None, help="comma list of libraries (default: all of " + ", ".join(ALL_LIBS) + ")")
+    p.add_argument("--repeats", type=int, default=3, help="timings are the min of this many runs")
+    p.add_argument("--quick", action="store_true", help="small sizes, for smoke testing")
+    p.add_argument(
+        "--impl-module",
+        default="fastserial",
+        help="module providing save()/load() for the 'fastserial' column (e.g. 'torch' as a stand-in)",
+    )
+    p.add_argument("--threads", type=int, default=None, help="call fastserial.set_num_threads(N) if it exists")
+    p.add_argument("--torch-threads", type=int, default=1, help="torch.set_num_threads() for the benchmark process (0: leave torch's default)")
+    p.add_argument("--no-sync", dest="sync", action="store_false", help="do not os.sync() (untimed) before each timed save")
+    p.add_argument("--no-mallopt", dest="mallopt", action="store_false", help="keep glibc's dynamic mmap threshold (see README)")
+    p.add_argument("--tmpdir", default=None, help="directory for checkpoint files (must be a real disk)")
+    p.add_argument("--no-verify", dest="verify", action="store_false", help="skip checking loaded tensors against the originals")
+    p.add_argument("--json", default=None, metavar="PATH", help="dump all numbers as JSON")
+    p.add_argument(
+        "--markdown",
+        nargs="?",
+        const="-",
+        default=None,
+        metavar="PATH",
+        help="emit Markdown tables (to stdout instead of the plain tables, or to PATH)",
+    )
+    a = p.parse_args(argv)
+    a.workload_list = [w.strip() for w in a.workloads.split(",") if w.strip()]
+    a.op_list = [o.strip() for o in a.ops.split(",") if o.strip()]
+    for w in a.workload_list:
+        if w not in WORKLOADS:
+            p.error(f"unknown workload {w!r}")
+    for o in a.op_list:
+        if o not in OPS:
+            p.error(f"unknown op {o!r}")
+    a.explicit_only = a.only is not None
+    a.lib_list = [l.strip() for l in (a.only or ",".join(ALL_LIBS)).split(",") if l.strip()]
+    for l in a.lib_list:
+        if l not in ALL_LIBS:
+            p.error(f"unknown library {l!r}")
+    if a.repeats < 1:
+        p.error("--repeats must be >= 1")
+    return a
+
+
+class Recorder:
+    """Collects best-of-N timings and errors for one workload."""
+
+    def __init__(self, res):
+        self.res = res
+
+    def add_time(self, op, lib, secs):
+        d = self.res["times"].setdefault(op, {}).setdefault(lib, {"runs": []})
+        d["runs"].append(secs)
+        d["best"] = min(d["runs"])
+
+    def add_error(self, op, lib, exc):
+        msg = f"{type(exc).__name__}: {exc}"
+        self.res["times"].setdefault(op, {})[lib] = {"error": msg}
+        log(f"  !! {lib} {op} failed: {msg}")
+        tb = traceback.format_exc().strip().splitlines()
+        if len(tb) > 1:
+            log("     " + "\n     ".join(tb[-4:]))
+
+    def failed(self, op, lib):
+        return "error" in self.res["times"].get(op, {}).get(lib, {})
+
+
+def run_workload(name, impls, args, tmpdir):
+    R = args.repeats
+    ops = args.op_list
+    t_start = time.perf_counter()
+    log(f"\n[{name}] building workload: {WORKLOAD_DESC[args.quick][name]}")
+    obj = build_workload(name, args.quick)
+    nbytes = data_bytes(obj)
+    ntensors = sum(1 for _ in iter_tensors(obj))
+    res = {
+        "description": WORKLOAD_DESC[args.quick][name],
+        "n_tensors": ntensors,
+        "data_bytes": nbytes,
+        "times": {},
+        "memory": {},
+        "baselines": {},
+        "file_bytes": {},
+        "verify": {},
+    }
+    rec = Recorder(res)
+    by_name = {i.name: i for i in impls}
+    # One sub-directory per library, same base name: torch.save derives the
+    # archive's record prefix from the file name, so this keeps the torch and
+    # fastserial files byte-comparable.
+    paths = {i.name: os.path.join(tmpdir, i.name, f"{name}{i.ext}") for i in impls}
+    for p in paths.values():
+        os.makedirs(os.path.dirname(p), exist_ok=True)
+    log(f"[{name}] {ntensors} tensors, {fmt_size(nbytes)}")
+
+    # ---- save (timed), which also produces the files used by every load ----
+    if "save" in ops:
+        for rep in range(R):
+            for impl in impls:
+                if rec.failed("save", impl.name):
+                    continue
+                rm(paths[impl.name])
+                try:
+                    secs = timed_write(impl.save, obj, paths[impl.name])
+                except Exception as e:
+                    rm(paths[impl.name])
+                    rec.add_error("save", impl.name, e)
+                    continue
+                rec.add_time("save", impl.name, secs)
+                log(f"  save  {impl.name:<12} run {rep + 1}/{R}: {fmt_time(secs)}")
+    else:
+        for impl in impls:
+            try:
+                impl.save(obj, paths[impl.name])
+            except Exception as e:
+                rm(paths[impl.name])
+                rec.add_error("save", impl.name, e)
+    have_file = [i for i in impls if os.path.exists(paths[i.name])]
+    for impl in have_file:
+        res["file_bytes"][impl.name] = os.path.getsize(paths[impl.name])
+
+    # ---- raw write / read baselines ----
+    if "raw" in ops:
+        raw_path = os.path.join(tmpdir, f"{name}.raw")
+        wr = []
+        for rep in range(R):
+            rm(raw_path)
+            wr.append(timed_write(raw_write, obj, raw_path))
+        res["baselines"]["raw_write"] = {"best": min(wr), "runs": wr, "what": "open(path,'wb') + f.write(memoryview) per tensor"}
+        log(f"  raw write: {fmt_time(min(wr))}")
+        shapes_dtypes = [(t.shape, t.dtype) for t in iter_tensors(obj)]
+        warm_file(raw_path)
+        rd = [timed(raw_read_into, shapes_dtypes, raw_path) for _ in range(R)]
+        res["baselines"]["raw_read"] = {"best": min(rd), "runs": rd, "what": "torch.empty + f.readinto(memoryview) per tensor"}
+        log(f"  raw read:  {fmt_time(min(rd))}")
+        rm(raw_path)
+
+    # ---- loads ----
+    load_fns = {
+        "load": lambda i: (i.load, None),
+        "mmap": lambda i: (i.load_mmap, None),
+        "mmap_touch": lambda i: (i.load_mmap, touch),
+    }
+    for op in ("load", "mmap", "mmap_touch"):
+        if op not in ops:
+            continue
+        for impl in have_file:
+            warm_file(paths[impl.name])
+        for rep in range(R):
+            for impl in have_file:
+                if rec.failed(op, impl.name):
+                    continue
+                fn, post = load_fns[op](impl)
+                try:
+                    secs = timed(fn, paths[impl.name], post=post)
+                except Exception as e:
+                    rec.add_error(op, impl.name, e)
+                    continue
+                rec.add_time(op, impl.name, secs)
+                log(f"  {op:<10} {impl.name:<12} run {rep + 1}/{R}: {fmt_time(secs)}")
+        if args.verify and op in ("load", "mmap"):
+            for impl in have_file:
+                if rec.failed(op, impl.name):
+                    continue
+                try:
+                    r = load_fns[op](impl)[0](paths[impl.name])
+                    res["verify"].setdefault(op, {})[impl.name] = verify(obj, r)
+                    del r
+                except Exception as e:
+                    res["verify"].setdefault(op, {})[impl.name] = f"ERROR: {type(e).__name__}: {e}"
+                release_freed_memory()
+
+    # ---- cross-loading: torch <-> fastserial files ----
+    if "load_other" in ops and "torch" in by_name and "fastserial" in by_name:
+        pairs = [  # (library that loads, library whose file it loads)
+            ("torch", "fastserial"),
+            ("fastserial", "torch"),
+        ]
+        pairs = [(a, b) for a, b in pairs if os.path.exists(paths[b])]
+        for _, b in pairs:
+            warm_file(paths[b])
+        for rep in range(R):
+            for a, b in pairs:
+                if rec.failed("load_other", a):
+                    continue
+                try:
+                    secs = timed(by_name[a].load, paths[b])
+                except Exception as e:
+                    rec.add_error("load_other", a, e)
+                    continue
+                rec.add_time("load_other", a, secs)
+                log(f"  load {b}-file with {a:<10} run {rep + 1}/{R}: {fmt_time(secs)}")
+        if args.verify:
+            for a, b in pairs:
+                if rec.failed("load_other", a):
+                    continue
+                try:
+                    r = by_name[a].load(paths[b])
+                    res["verify"].setdefault("load_other", {})[a] = verify(obj, r)
+                    del r
+                except Exception as e:
+                    res["verify"].setdefault("load_other", {})[a] = f"ERROR: {type(e).__name__}: {e}"
+                release_freed_memory()
+
+    # ---- peak memory, each in a fresh process ----
+    if "memory" in ops:
+        script = os.path.abspath(__file__)
+        for mop in MEM_OPS:
+            for impl in impls:
+                spec = {
+                    "lib": impl.name,
+                    "op": mop,
+                    "workload": name,
+                    "quick": args.quick,
+                    "impl_module": args.impl_module,
+                    "threads": args.threads,
+                    "torch_threads": args.torch_threads,
+                    "mallopt": args.mallopt,
+                    "extra_path": getattr(impl, "extra_path", []),
+                }
+                if mop == "save":
+                    spec["path"] = os.path.join(tmpdir, f"memchild-{name}{impl.ext}")
+                else:
+                    if not os.path.exists(paths[impl.name]):
+                        continue
+                    spec["path"] = paths[impl.name]
+                r = run_child(script, spec)
+                if mop == "save":
+                    rm(spec["path"])
+                res["memory"].setdefault(mop, {})[impl.name] = r
+                if "error" in r:
+                    log(f"  !! memory {mop} {impl.name}: {r['error']}")
+                else:
+                    log(
+                        f"  memory {mop:<5} {impl.name:<12}: peak +{r['peak_delta_bytes'] / MiB:.0f} MiB "
+                        f"({r['ratio']:.2f}x data)"
+                    )
+
+    for p in paths.values():
+        rm(p)
+    del obj
+    release_freed_memory()
+    res["elapsed_s"] = time.perf_counter() - t_start
+    log(f"[{name}] done in {res['elapsed_s']:.1f} s")
+    return res
+
+
+# --------------------------------------------------------------------------
+# Reporting
+# --------------------------------------------------------------------------
+
+
+def _best(res, op, lib):
+    d = res["times"].get(op, {}).get(lib)
+    if d is None:
+        return None, "-"
+    if "error" in d:
+        return None, "ERR"
+    return d["best"], fmt_time(d["best"])
+
+
+def workload_table(res, libs, markdown=False):
+    ratio_libs = [l for l in ("torch", "safetensors") if l in libs] if "fastserial" in libs else []
+    headers = ["operation"] + libs + [f"{l}/fastserial" for l in ratio_libs]
+    rows = []
+    for op in TIME_OPS:
+        if op not in res["times"]:
+            continue
+        vals = {l: _best(res, op, l) for l in libs}
+        row = [OP_LABEL[op]] + [vals[l][1] for l in libs]
+        row += [fmt_ratio(vals[l][0], vals["fastserial"][0]) for l in ratio_libs]
+        rows.append(row)
+    for mop in MEM_OPS:
+        if mop not in res["memory"]:
+            continue
+        m = res["memory"][mop]
+        cells, deltas = [], {}
+        for l in libs:
+            r = m.get(l)
+            if r is None:
+                cells.append("-")
+            elif "error" in r:
+                cells.append("ERR")
+            else:
+                deltas[l] = r["peak_delta_bytes"]
+                cells.append(f"{r['peak_delta_bytes'] / MiB:.0f} MiB ({r['ratio']:.2f}x)")
+        row = [MEM_LABEL[mop]] + cells
+        # ratios of near-zero deltas are noise: only show them above 1 MiB
+        den = deltas.get("fastserial")
+        den = den if den is not None and den >= MiB else None
+        row += [fmt_ratio(deltas.get(l), den) for l in ratio_libs]
+        rows.append(row)
+    return render_table(headers, rows, markdown=markdown)
+
+
+def workload_notes(res, libs):
+    notes = []
+    b = res["baselines"]
+    gib = res["data_bytes"] / GiB
+    if "raw_write" in b:
+        w = b["raw_write"]["best"]
+        s = f"raw write baseline (f.write(memoryview) per tensor): {fmt_time(w)} ({gib / w:.2f} GiB/s)"
+        parts = [f"{l} {fmt_ratio(_best(res, 'save', l)[0], w)}" for l in libs if _best(res, "save", l)[0]]
+        if parts:
+            s += "; save / raw write: " + ", ".join(parts) + " (fastserial target <= 1.20x)"
+        notes.append(s)
+    if "raw_read" in b:
+        r = b["raw_read"]["best"]
+        s = f"raw read baseline (torch.empty + f.readinto per tensor): {fmt_time(r)} ({gib / r:.2f} GiB/s)"
+        parts = [f"{l} {fmt_ratio(_best(res, 'load', l)[0], r)}" for l in libs if _best(res, "load", l)[0]]
+        if parts:
+            s += "; eager load / raw read: " + ", ".join(parts)
+        notes.append(s)
+    if "load_other" in res["times"]:
+        for a, b_ in (("fastserial", "torch"), ("torch", "fastserial")):
+            own, other = _best(res, "load", a)[0], _best(res, "load_other", a)[0]
+            if own and other:
+                notes.append(
+                    f"(a) {a}.load: own file {fmt_time(own)}, {b_}-written file {fmt_time(other)} "
+                    f"(other/own = {other / own:.2f}x)"
+                )
+    if res["file_bytes"]:
+        notes.append(
+            "file sizes: "
+            + ", ".join(f"{l} {fmt_size(s)}" for l, s in res["file_bytes"].items())
+            + f" (tensor data {fmt_size(res['data_bytes'])})"
+        )
+    bad = []
+    for op, d in res["verify"].items():
+        for lib, v in d.items():
+            if v != "ok":
+                bad.append(f"{lib} {op}: {v}")
+    if res["verify"]:
+        notes.append("verify: " + ("all loaded tensors equal the originals" if not bad else "; ".join(bad)))
+    errs = [f"{lib} {op}: {d['error']}" for op, dd in res["times"].items() for lib, d in dd.items() if "error" in d]
+    errs += [f"{lib} memory {op}: {d['error']}" for op, dd in res["memory"].items() for lib, d in dd.items() if "error" in d]
+    if errs:
+        notes.append("errors: " + "; ".join(errs))
+    return notes
+
+
+LEGEND = [
+    "times are the best of {R} runs (time.perf_counter), page cache warm, files on {fs} under {tmp}",
+    "X/fastserial columns = X's number divided by fastserial's (> 1 means fastserial is faster / uses less memory)",
+    "mmap load + touch = mmap load, then t.sum() on every tensor (reads every page)",
+    "peak RSS delta = peak resident memory above the level before the call, in a fresh process; "
+    "in parentheses as a multiple of the tensor data size",
+    "safetensors: eager load = {st_load}; mmap load = {st_mmap}",
+]
+
+
+def render_report(results, meta, libs, args, markdown):
+    out = []
+    fs = meta.get("tmpdir", {})
+    st_desc = meta["libs"].get("safetensors", {}).get("api", {})
+    legend = [
+        l.format(
+            R=args.repeats,
+            fs=fs.get("fstype", "?"),
+            tmp=fs.get("path", "?"),
+            st_load=st_desc.get("load", "n/a"),
+            st_mmap=st_desc.get("mmap", "n/a"),
+        )
+        for l in LEGEND
+    ]
+    fsm = meta["libs"].get("fastserial", {})
+    if fsm.get("stand_in"):
+        legend.insert(0, f"NOTE: the 'fastserial' column is the stand-in module {fsm['impl_module']!r}, not fastserial")
+    pc = meta.get("process", {})
+    legend.append(
+        f"process: torch intra-op threads = {pc.get('torch_threads')}; glibc mmap threshold "
+        + (f"fixed at {pc['mallopt_mmap_threshold'] // 1024} KiB + malloc_trim between runs (every large allocation gets fresh pages)"
+           if pc.get("mallopt_mmap_threshold") else "glibc default (dynamic)")
+        + ("; os.sync() (untimed) before every timed save / raw write" if pc.get("sync_before_saves") else "")
+    )
+    if fsm.get("num_threads") is not None:
+        legend.append(f"fastserial threads: {fsm['num_threads']}")
+    if markdown:
+        out.append("## fastserial benchmark" + (" (quick)" if args.quick else ""))
+        out.append("")
+        out += [f"- {l}" for l in meta_lines(meta)]
+        out.append("")
+        for name, res in results.items():
+            out.append(f"### {name}: {res['description']}")
+            out.append("")
+            out.append(workload_table(res, libs, markdown=True))
+            out.append("")
+            out += [f"- {n}" for n in workload_notes(res, libs)]
+            out.append("")
+        out.append("Notes:")
+        out.append("")
+        out += [f"- {l}" for l in legend]
+    else:
+        out.append("=" * 78)
+        out.append("fastserial benchmark" + (" (quick)" if args.quick else ""))
+        out += meta_lines(meta)
+        for name, res in results.items():
+            out.append("")
+            out.append(
+                f"== {name}: {res['description']} -- {res['n_tensors']} tensors, {fmt_size(res['data_bytes'])}"
+            )
+            out.append(workload_table(res, libs))
+            out += [f"  {n}" for n in workload_notes(res, libs)]
+        out.append("")
+        out += [f"* {l}" for l in legend]
+    return "\n".join(out)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    t0 = time.perf_counter()
+    proc_cfg = configure_process(args.torch_threads, args.mallopt)
+    _common.SYNC_BEFORE_WRITES = proc_cfg["sync_before_saves"] = args.sync
+    impls = make_impls(args.lib_list, args.impl_module, args.threads, explicit=args.explicit_only)
+    libs = [l for l in ALL_LIBS if any(i.name == l for i in impls)]
+    fsimpl = next((i for i in impls if i.name == "fastserial"), None)
+    if fsimpl is not None and fsimpl.module_name != "fastserial":
+        log(f"NOTE: the 'fastserial' column is backed by the stand-in module {fsimpl.module_name!r}")
+
+    biggest = max(
+        sum(prod(s) for _, s in workload_shapes(w, args.quick)) * 4 for w in args.workload_list
+    )
+    tmpdir = tempfile.mkdtemp(prefix="fastserial-bench-", dir=args.tmpdir)
+    tmpinfo = check_tmpdir(tmpdir, biggest * (len(impls) + 2))
+    meta = system_meta(impls, {"tmpdir": tmpinfo, "repeats": args.repeats, "quick": args.quick, "ops": args.op_list, "process": proc_cfg})
+    log("\n".join(meta_lines(meta)))
+    log(f"checkpoint files in {tmpdir} ({tmpinfo['fstype']})")
+
+    results = {}
+    try:
+        for w in args.workload_list:
+            results[w] = run_workload(w, impls, args, tmpdir)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    meta["total_elapsed_s"] = time.perf_counter() - t0
+
+    if args.markdown == "-":
+        print(render_report(results, meta, libs, args, markdown=True))
+    else:
+        print(render_report(results, meta, libs, args, markdown=False))
+        if args.markdown:
+            with open(args.markdown, "w") as f:
+                f.write(render_report(results, meta, libs, args, markdown=True) + "\n")
+            log(f"markdown written to {args.markdown}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "args": {k: v for k, v in vars(args).items()}, "workloads": results}, f, indent=2)
+        log(f"json written to {args.json}")
+    log(f"total time {meta['total_elapsed_s']:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

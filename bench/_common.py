@@ -240,8 +240,13 @@ class FastserialImpl(Impl):
                 setter(threads)
             elif module_name != "torch":
                 log(f"warning: {module_name}.set_num_threads() does not exist; --threads ignored for it")
+        # Like for like with torch.save (which never syncs): fastserial's save without
+        # its fsync; the atomic rename still happens. The durable default is timed as
+        # its own row (save_durable).
+        self._fsync_kw = module_name == "fastserial"
         self.describe = {
-            "save": f"{module_name}.save(obj, path)",
+            "save": f"{module_name}.save(obj, path" + (", fsync=False)" if self._fsync_kw else ")"),
+            "save_durable": f"{module_name}.save(obj, path)  (default: fsync before the atomic rename)",
             "load": f"{module_name}.load(path, weights_only=True)",
             "mmap": f"{module_name}.load(path, weights_only=True, mmap=True)",
         }
@@ -256,6 +261,12 @@ class FastserialImpl(Impl):
         return None
 
     def save(self, obj, path):
+        if self._fsync_kw:
+            self.mod.save(obj, path, fsync=False)
+        else:
+            self.mod.save(obj, path)
+
+    def save_durable(self, obj, path):
         self.mod.save(obj, path)
 
     def load(self, path):
@@ -434,7 +445,11 @@ def rm(path):
 
 
 def warm_file(path, chunk=16 * MiB):
-    """Read the whole file once so it is in the page cache."""
+    """Write back any dirty pages (untimed; a file just saved without fsync is still
+    being written to disk, and reads racing that writeback are several times slower),
+    then read the whole file once so it is in the page cache."""
+    if hasattr(os, "sync"):
+        os.sync()
     buf = bytearray(chunk)
     mv = memoryview(buf)
     with open(path, "rb", buffering=0) as f:

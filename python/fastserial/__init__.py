@@ -13,6 +13,7 @@ without it.
 
 from ._fastserial import CheckpointError, get_num_threads, set_num_threads
 from .location import register_package
+from .lazy import open
 from .allowlist import add_safe_globals, clear_safe_globals, get_safe_globals, safe_globals
 from .patch import patch_torch
 from .serialization import (
@@ -30,6 +31,7 @@ __version__ = "0.1.0"
 __all__ = [
     "save",
     "load",
+    "open",
     "CheckpointError",
     "DEFAULT_PROTOCOL",
     "LoadEndianness",

@@ -283,7 +283,7 @@ def _inspect_safetensors(path: str) -> dict:
         for n in entry["shape"]:
             numel *= n
         tensors.append({"name": name, "dtype": dtype, "shape": entry["shape"], "nbytes": end - begin,
-                        "storage": name, "storage_nbytes": end - begin, "storage_users": 1})
+                        "storage": "-", "storage_nbytes": end - begin, "storage_users": 1})
         t = totals.setdefault(dtype, {"tensors": 0, "elements": 0, "nbytes": 0, "storage_nbytes": 0})
         t["tensors"] += 1
         t["elements"] += numel
@@ -522,7 +522,7 @@ def _read_safetensors(src: str, notes: list[str], progress_stream: TextIO):
 
     fsnp = _fsnp()
     header, data_start = _safetensors_header(src)
-    meta = header.pop("__metadata__", None)
+    meta = {k: v for k, v in (header.pop("__metadata__", None) or {}).items() if k != "format"}
     if meta:
         notes.append(f"safetensors metadata not carried into the checkpoint: {_short_repr(meta, 200)}")
     arrays = []
@@ -563,7 +563,7 @@ def _write_safetensors(arrays, dst: str, notes: list[str], progress_stream: Text
         if dtype not in _SAFETENSORS_DTYPES:
             notes.append(f"'{name}' ({dtype}): safetensors has no such dtype; not written")
             continue
-        data = np.ascontiguousarray(array)
+        data = array if array.flags.c_contiguous else np.array(array, order="C")  # keeps 0-d
         keep_alive.append(data)
         specs[name] = safetensors.TensorSpec(dtype=dtype, shape=list(data.shape),
                                              data_ptr=data.ctypes.data if data.nbytes else 0,
@@ -657,6 +657,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _silence_stdout() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
 _COMMANDS = {"inspect": _cmd_inspect, "verify": _cmd_verify, "convert": _cmd_convert}
 
 
@@ -667,6 +675,9 @@ def main(argv: list[str] | None = None, out: TextIO | None = None, err: TextIO |
     args = build_parser().parse_args(argv)
     try:
         return _COMMANDS[args.command](args, out, err)
+    except BrokenPipeError:  # `fastserial inspect big.pt | head`
+        _silence_stdout()
+        return _EXIT_FAIL
     except (CheckpointError, pickle.UnpicklingError, NotImplementedError, OSError, ValueError,
             RuntimeError, TypeError, KeyError) as e:
         err.write(f"fastserial {args.command}: error: {e}\n")

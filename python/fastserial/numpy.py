@@ -1349,9 +1349,12 @@ def _structure_legacy(s: CheckpointStructure, mode: str, problems, encoding: str
     stream = s.opened.stream
     reader = _Reader(s.file, mode, _MetaFactory(None, s.file, problems), encoding, problems)
     _legacy_header(reader, stream)
+    start = stream.tell()
+    head = stream.read(2)
+    stream.seek(start)
+    s.protocol = head[1] if len(head) == 2 and head[0] == pickle.PROTO[0] else None
     s.root = reader.unpickle(stream, reader.legacy_persistent_load)
     s.globals = list(reader.globals_seen)
-    s.protocol = None
     keys = _legacy_keys(reader, stream)
     s.storages = {k: reader.info_of[id(v)] for k, v in reader.storages.items()}
     pos = stream.tell()
@@ -1417,7 +1420,7 @@ def _join(prefix: str, key) -> str:
 
 
 class _TorchGlobal:
-    """A torch global written into a pickle by name; never imported."""
+    """A torch function written into a pickle by name; never imported."""
 
     __slots__ = ("module", "name")
 
@@ -1425,7 +1428,7 @@ class _TorchGlobal:
         self.module = module
         self.name = name
 
-    def __call__(self, *args, **kwargs):  # save_reduce insists on a callable
+    def __call__(self, *args, **kwargs):  # picklers insist that a reduce function is callable
         raise TypeError(f"{self.module}.{self.name} is a placeholder for pickling only")
 
     def __repr__(self) -> str:
@@ -1434,9 +1437,40 @@ class _TorchGlobal:
 
 _REBUILD_V2 = _TorchGlobal("torch._utils", "_rebuild_tensor_v2")
 _REBUILD_V3 = _TorchGlobal("torch._utils", "_rebuild_tensor_v3")
-_UNTYPED_GLOBAL = _TorchGlobal("torch.storage", "UntypedStorage")
 _DEVICE_GLOBAL = _TorchGlobal("torch", "device")
-_STORAGE_GLOBALS = {name: _TorchGlobal("torch", name) for name in _STORAGE_TYPES}
+
+
+def _torch_global_name(obj) -> tuple[str, str]:
+    t = type(obj)
+    if t is _TorchGlobal:
+        return obj.module, obj.name
+    if t is TorchDType:
+        return "torch", obj.name
+    if t is _StorageType:
+        return ("torch.storage" if obj is _UNTYPED else "torch"), obj.name
+    module, _, name = obj.full.rpartition(".")  # _TorchName
+    return module, name
+
+
+# Every object saved as ``GLOBAL torch...``. The C pickler writes a global only after
+# importing its module and finding the object there, so each one is published in this
+# module as ``_tg<N>``; the pickle is written naming ``fastserial.numpy _tg<N>`` and
+# those (memoized, so each written once) opcodes are renamed to torch's afterwards.
+_PLACEHOLDER_TYPES = (_TorchGlobal, TorchDType, _StorageType, _TorchName)
+_PLACEHOLDERS: dict[int, tuple[str, bytes, bytes]] = {}
+for _i, _obj in enumerate([
+    _REBUILD_V2, _REBUILD_V3, _DEVICE_GLOBAL, _UNTYPED, _TENSOR, _PARAMETER,
+    *DTYPES.values(), *_STORAGE_MARKERS.values(), *_LAYOUTS.values(), *_QSCHEMES.values(),
+    *_TENSOR_CLASSES.values(),
+]):
+    _module, _name = _torch_global_name(_obj)
+    globals()[f"_tg{_i}"] = _obj
+    _PLACEHOLDERS[id(_obj)] = (
+        f"_tg{_i}",
+        pickle.GLOBAL + f"{__name__}\n_tg{_i}\n".encode(),
+        pickle.GLOBAL + f"{_module}\n{_name}\n".encode(),
+    )
+del _i, _obj, _module, _name
 
 
 class _StorageRef:
@@ -1444,10 +1478,13 @@ class _StorageRef:
 
     __slots__ = ("key", "numel", "storage_type")
 
-    def __init__(self, key: str, storage_type: _TorchGlobal, numel: int):
+    def __init__(self, key: str, storage_type: _StorageType, numel: int):
         self.key = key
         self.storage_type = storage_type
         self.numel = numel
+
+    def pid(self) -> tuple:
+        return ("storage", self.storage_type, self.key, "cpu", self.numel)
 
 
 class _Storage:
@@ -1498,16 +1535,41 @@ class _SaveState:
         self.by_root: dict[int, _Storage] = {}
         self.storages: list[_Storage] = []
 
+    def reset(self) -> None:
+        self.by_root.clear()
+        self.storages.clear()
+
     def _new_storage(self, root, np_dtype, dtype: TorchDType, low: int, high: int) -> _Storage:
         key = str(len(self.storages))
         nbytes = high - low
         if dtype.storage_name is None:
-            ref = _StorageRef(key, _UNTYPED_GLOBAL, nbytes)
+            ref = _StorageRef(key, _UNTYPED, nbytes)
         else:
-            ref = _StorageRef(key, _STORAGE_GLOBALS[dtype.storage_name], nbytes // dtype.itemsize)
+            ref = _StorageRef(key, _STORAGE_MARKERS[dtype.storage_name], nbytes // dtype.itemsize)
         storage = _Storage(ref, root, np_dtype, dtype, low, high)
         self.storages.append(storage)
         return storage
+
+    def reduce(self, obj):
+        """The reduction for numpy objects and stand-ins; ``None`` for anything else."""
+        if isinstance(obj, np.ndarray):
+            return self.reduce_array(obj)
+        if isinstance(obj, np.generic):
+            if obj.dtype.kind in "OSUVMm" and obj.dtype not in _DTYPE_BY_NUMPY:
+                raise TypeError(
+                    f"cannot save the numpy scalar {obj!r} ({obj.dtype}) as a tensor; "
+                    "convert it to a Python value first"
+                )
+            return self.reduce_array(np.asarray(obj))  # a 0-d tensor of its dtype
+        t = type(obj)
+        if t is TorchDevice:
+            return (_DEVICE_GLOBAL, (obj.type,) if obj.index is None else (obj.type, obj.index))
+        if t.__module__.split(".")[0] == "torch":
+            raise TypeError(
+                f"fastserial.numpy.save writes numpy arrays; got a {t.__module__}.{t.__qualname__}. "
+                "Use fastserial.save for torch objects, or convert them with .numpy()."
+            )
+        return None
 
     def reduce_array(self, arr: np.ndarray):
         if isinstance(arr, np.ma.MaskedArray):
@@ -1519,7 +1581,7 @@ class _SaveState:
         ref, offset, stride = placed
         args = (ref, offset, tuple(int(n) for n in arr.shape), stride, False, collections.OrderedDict())
         if dtype.storage_name is None:
-            return (_REBUILD_V3, args + (dtype,))
+            return (_REBUILD_V3, (*args, dtype))
         return (_REBUILD_V2, args)
 
     def _place_shared(self, arr: np.ndarray, dtype: TorchDType):
@@ -1544,16 +1606,15 @@ class _SaveState:
             if delta < 0 or delta % itemsize:
                 return None
             offset = delta // itemsize
-            contiguous = _contiguous_strides(arr.shape)
-            stride = []
-            for n, s, c in zip(arr.shape, arr.strides, contiguous):
+            elems = []
+            for n, s, c in zip(arr.shape, arr.strides, _contiguous_strides(arr.shape)):
                 if n == 1:
-                    stride.append(c)
+                    elems.append(c)
                 elif s < 0 or s % itemsize:
-                    return None
+                    return None  # torch has no negative strides
                 else:
-                    stride.append(s // itemsize)
-            stride = tuple(stride)
+                    elems.append(s // itemsize)
+            stride = tuple(elems)
         if storage is None:
             storage = self._new_storage(root, arr.dtype, dtype, low, high)
             self.by_root[id(root)] = storage
@@ -1561,59 +1622,78 @@ class _SaveState:
 
     def _place_private(self, arr: np.ndarray, dtype: TorchDType):
         """A contiguous copy in a storage of its own (negative or odd strides, ...)."""
-        copy = np.ascontiguousarray(arr)
+        copy = np.array(arr, order="C")
         low, high = _byte_bounds(copy)
         storage = self._new_storage(copy, copy.dtype, dtype, low, high)
         return storage.ref, 0, _contiguous_strides(arr.shape)
 
 
-class _NumpyPickler(pickle._Pickler):  # type: ignore[name-defined]
-    """The pure-Python pickler, because only it lets us write ``GLOBAL torch ...``
-    without importing torch (the C pickler looks every global up)."""
+class _Pickler(pickle.Pickler):
+    """The C pickler, writing torch's globals under placeholder names."""
 
-    def __init__(self, file, state: _SaveState, protocol: int = 2):
-        super().__init__(file, protocol)
+    def __init__(self, file, state: _SaveState):
+        super().__init__(file, protocol=2)
         self._state = state
-
-    def save(self, obj, save_persistent_id=True):
-        if isinstance(obj, np.generic):
-            obj = obj.item()
-        super().save(obj, save_persistent_id)
+        self.placeholders: list[tuple[str, bytes, bytes]] = []
 
     def persistent_id(self, obj):
-        if type(obj) is _StorageRef:
-            return ("storage", obj.storage_type, obj.key, "cpu", obj.numel)
-        return None
+        return obj.pid() if type(obj) is _StorageRef else None
 
     def reducer_override(self, obj):
-        t = type(obj)
-        if t is _TorchGlobal or t is TorchDType or t is _TorchName or t is _StorageType:
+        if isinstance(obj, _PLACEHOLDER_TYPES):
+            entry = _PLACEHOLDERS.get(id(obj))
+            if entry is None:
+                raise TypeError(f"cannot save {obj!r}: not one of fastserial.numpy's stand-ins")
+            self.placeholders.append(entry)
+            return entry[0]
+        reduced = self._state.reduce(obj)
+        return NotImplemented if reduced is None else reduced
+
+
+class _PurePickler(pickle._Pickler):  # type: ignore[name-defined]
+    """Python's pickler, which lets us write each GLOBAL directly. Slower; used only
+    when a placeholder name also occurs in the data (see :func:`_dump`)."""
+
+    def __init__(self, file, state: _SaveState):
+        super().__init__(file, 2)
+        self._state = state
+
+    def persistent_id(self, obj):
+        return obj.pid() if type(obj) is _StorageRef else None
+
+    def reducer_override(self, obj):
+        if isinstance(obj, _PLACEHOLDER_TYPES):
             return "by name"  # save_global below writes it
-        if isinstance(obj, np.ndarray):
-            return self._state.reduce_array(obj)
-        if t is TorchDevice:
-            return (_DEVICE_GLOBAL, (obj.type,) if obj.index is None else (obj.type, obj.index))
-        if t.__module__.split(".")[0] == "torch":
-            raise TypeError(
-                f"fastserial.numpy.save writes numpy arrays; got a {t.__module__}.{t.__qualname__}. "
-                "Use fastserial.save for torch objects, or convert with .numpy()."
-            )
-        return NotImplemented
+        reduced = self._state.reduce(obj)
+        return NotImplemented if reduced is None else reduced
 
     def save_global(self, obj, name=None):
-        t = type(obj)
-        if t is _TorchGlobal:
-            module, name = obj.module, obj.name
-        elif t is TorchDType:
-            module, name = "torch", obj.name
-        elif t is _StorageType:
-            module, name = ("torch.storage" if obj is _UNTYPED else "torch"), obj.name
-        elif t is _TorchName:
-            module, _, name = obj.full.rpartition(".")
-        else:
+        entry = _PLACEHOLDERS.get(id(obj)) if isinstance(obj, _PLACEHOLDER_TYPES) else None
+        if entry is None:
+            if isinstance(obj, _PLACEHOLDER_TYPES):
+                raise TypeError(f"cannot save {obj!r}: not one of fastserial.numpy's stand-ins")
             return super().save_global(obj, name)
-        self.write(pickle.GLOBAL + f"{module}\n{name}\n".encode())
+        self.write(entry[2])
         self.memoize(obj)
+        return None
+
+
+def _dump(obj, state: _SaveState) -> bytes:
+    """The pickle of ``obj``, protocol 2, with arrays as torch tensors."""
+    buf = io.BytesIO()
+    pickler = _Pickler(buf, state)
+    pickler.dump(obj)
+    data = buf.getvalue()
+    for _attr, placeholder, real in dict.fromkeys(pickler.placeholders):
+        if data.count(placeholder) != 1:  # the same bytes occur in the data: rename is unsafe
+            break
+        data = data.replace(placeholder, real)
+    else:
+        return data
+    state.reset()
+    buf = io.BytesIO()
+    _PurePickler(buf, state).dump(obj)
+    return buf.getvalue()
 
 
 def save(obj: object, f: FileLike, *, fsync: bool = True) -> None:
@@ -1622,13 +1702,16 @@ def save(obj: object, f: FileLike, *, fsync: bool = True) -> None:
 
     Arrays of any dtype torch has (``ml_dtypes`` bfloat16 and float8 included) become
     tensors of that dtype with the same shape and strides; big-endian arrays are stored
-    in native order. Arrays viewing one base array with one dtype share a storage, so
-    they load as views of each other again. Saving to a path is atomic.
+    in native order, arrays with negative strides as contiguous copies. Arrays viewing
+    one base array with one dtype share a storage, so they load as views of each other
+    again. Numpy scalars become 0-d tensors. Saving to a path is atomic.
     """
     _save(obj, f, fsync=fsync)
 
 
 def _save(obj, f, *, fsync: bool = True, progress: Callable[[int], None] | None = None) -> None:
+    state = _SaveState()
+    data = _dump(obj, state)
     if _is_path(f):
         path = os.fsdecode(os.fspath(f))
         if os.path.isdir(path):
@@ -1639,10 +1722,7 @@ def _save(obj, f, *, fsync: bool = True, progress: Callable[[int], None] | None 
     else:
         raise TypeError(f"expected a path or a file-like object with write(), got {type(f).__name__}")
     try:
-        state = _SaveState()
-        buf = io.BytesIO()
-        _NumpyPickler(buf, state).dump(obj)
-        writer.write_record("data.pkl", buf.getbuffer())
+        writer.write_record("data.pkl", data)
         writer.write_record(".format_version", b"1")
         writer.write_record(".storage_alignment", b"64")
         writer.write_record("byteorder", sys.byteorder.encode())
@@ -1659,6 +1739,8 @@ _BATCH_BYTES = 64 << 20
 
 
 def _write_storages(writer, storages: list[_Storage], progress) -> None:
+    """Storages straight from the arrays' memory, in batches (for the progress bar);
+    big-endian ones through a swapped copy, one at a time."""
     batch: list[tuple[str, int, int]] = []
     batch_bytes = 0
 

@@ -999,7 +999,7 @@ def save(
         _pickler_class(pickle_module)(buf, pickle_protocol, helper).dump(obj)
     pickled = buf.getbuffer()
 
-    writer = _native.ArchiveWriter(target, prefix, atomic=atomic) if _is_path(f) else _native.ArchiveWriter(target, prefix)
+    writer = _native.ArchiveWriter(target, prefix, atomic=atomic, durable=fsync)
     try:
         writer.write_record("data.pkl", pickled)
         writer.write_record(".format_version", b"1")

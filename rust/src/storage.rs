@@ -135,3 +135,26 @@ mod tests {
         }
     }
 }
+
+/// Asks the kernel to back `buf` with transparent huge pages when it is first touched
+/// (THP in `madvise` mode, the common default): filling a fresh 1 GiB buffer then
+/// takes ~500 page faults instead of ~260,000. Only the page-aligned interior is
+/// advised; errors are ignored (it is a hint).
+pub fn advise_huge_pages(buf: &mut [u8]) {
+    const HUGE: usize = 2 << 20;
+    if buf.len() < HUGE {
+        return;
+    }
+    let page = 4096usize;
+    let start = (buf.as_mut_ptr() as usize).div_ceil(page) * page;
+    let end = (buf.as_mut_ptr() as usize + buf.len()) / page * page;
+    if end <= start {
+        return;
+    }
+    // SAFETY: madvise with MADV_HUGEPAGE only changes how the kernel backs the pages of
+    // this range, which lies inside memory we hold a unique borrow of; it never changes
+    // contents or validity, and failure is harmless.
+    unsafe {
+        libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE);
+    }
+}

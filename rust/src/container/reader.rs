@@ -496,6 +496,7 @@ impl Archive {
         let mut pieces: Vec<Piece<'_>> = Vec::new();
         for job in jobs {
             let rec = job.record;
+            crate::storage::advise_huge_pages(job.dst);
             if job.dst.len() as u64 != rec.size {
                 return Err(Error::bad_record(
                     &rec.name,

@@ -63,6 +63,7 @@ class _LegacyLoader(_ZipLoader):
         self.verify = False
         self.pickle_load_args = pickle_load_args
         self.mapping = None
+        self.staging = False
         self.swap = False
         self.storages: dict[Any, Any] = {}
         self.factory = None

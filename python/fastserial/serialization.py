@@ -19,6 +19,7 @@ import gc
 import io
 import os
 import pickle
+import struct
 import sys
 import threading
 import warnings
@@ -351,6 +352,7 @@ class _ZipLoader:
         self.verify = verify
         self.pickle_load_args = pickle_load_args
         self.mapping = self.archive.mapping if mmap else None
+        self.staging = False  # set when the mapping only stages data for a device
         self.factory = None
 
     # -- record helpers
@@ -416,7 +418,10 @@ class _ZipLoader:
                 result = unpickler.load()
         except (_Retry, CheckpointError, pickle.UnpicklingError, RecursionError, MemoryError):
             raise
-        except Exception as e:
+        except _MALFORMED_PICKLE_ERRORS as e:
+            # What the unpickler raises for pickles that call allowed functions wrongly
+            # or end early. Everything else (RuntimeError from map_location, OSError)
+            # propagates unchanged, as from torch.load.
             if self.weights_only:
                 raise _unpickling_error(
                     f"{self.file}: weights-only load failed while unpickling "
@@ -517,8 +522,12 @@ class _ZipLoader:
         if self.is_meta:
             untyped = info.UntypedStorage(nbytes, device="meta")
         else:
-            untyped = self._cpu_storage(record, nbytes, swap)
-            untyped = self.restore_location(untyped, location)
+            cpu = self._cpu_storage(record, nbytes, swap)
+            untyped = self.restore_location(cpu, location)
+            if self.staging and untyped.device.type != "cpu":
+                # Copied to the device: let go of the mapped pages it was read from.
+                del cpu
+                self.archive.release(record)
         typed = info.TypedStorage(wrap_storage=untyped, dtype=dtype, _internal=True)
         typed._fastserial_swapped = swap > 1 or not self.swap
         return typed
@@ -706,10 +715,16 @@ def _is_dtype_global(full: str) -> bool:
     return isinstance(getattr(torch, full[6:], None), torch.dtype)
 
 
-try:
-    from struct import error as struct_error
-except ImportError:  # pragma: no cover
-    struct_error = ValueError  # type: ignore[misc,assignment]
+_MALFORMED_PICKLE_ERRORS = (
+    EOFError,
+    ValueError,
+    KeyError,
+    IndexError,
+    TypeError,
+    AttributeError,
+    OverflowError,
+    struct.error,
+)
 
 
 def _cpu_stays_cpu(map_location) -> bool:
@@ -730,6 +745,20 @@ def _maps_everything_to_cpu(map_location) -> bool:
         torch = sys.modules["torch"]
         if isinstance(map_location, torch.device):
             return map_location.type == "cpu"
+    return False
+
+
+def _is_device_target(map_location) -> bool:
+    """True when map_location sends every storage to one non-CPU, non-meta device."""
+    if isinstance(map_location, bytes):
+        map_location = map_location.decode()
+    if isinstance(map_location, str):
+        kind = map_location.split(":", 1)[0]
+        return kind not in ("cpu", "meta")
+    if map_location is not None and "torch" in sys.modules:
+        torch = sys.modules["torch"]
+        if isinstance(map_location, torch.device):
+            return map_location.type not in ("cpu", "meta")
     return False
 
 
@@ -834,12 +863,19 @@ def load(
     if _is_path(f) and os.fspath(f).endswith(".safetensors"):
         return _load_safetensors(os.fspath(f), map_location)
 
-    opened = _open_checkpoint(f, mmap)
+    # Loading straight to an accelerator: stage every storage through a mapping of the
+    # file (the page cache) instead of an anonymous CPU buffer. No tensor stays on the
+    # CPU, so nothing user-visible is backed by the mapping.
+    stage_through_mapping = not mmap and _is_path(f) and _is_device_target(map_location)
+    opened = _open_checkpoint(f, mmap or stage_through_mapping)
     try:
         if opened.kind == "zip":
+            if stage_through_mapping:
+                mmap = True
             loader = _ZipLoader(
                 opened, map_location, pickle_module, weights_only, mmap, verify, pickle_load_args
             )
+            loader.staging = stage_through_mapping
             return loader.load()
         from . import legacy
 

@@ -43,6 +43,29 @@ impl MappedFile {
     pub fn is_empty(&self) -> bool {
         self.map.is_empty()
     }
+
+    /// Drops this process's pages for `[offset, offset + len)` (the page-aligned
+    /// interior): resident memory falls, and later reads fetch the file's bytes again
+    /// from the page cache.
+    ///
+    /// # Safety
+    /// No one may rely on *modifications* to that range: a private mapping's written
+    /// pages are discarded, so the range reads as the file again. The loader calls
+    /// this only for records already copied to a device, whose CPU views are gone.
+    pub unsafe fn discard(&self, offset: usize, len: usize) {
+        let page = 4096usize;
+        let base = self.map.as_ptr() as usize;
+        let start = (base + offset).div_ceil(page) * page;
+        let end = (base + offset.saturating_add(len)).min(base + self.map.len()) / page * page;
+        if end > start {
+            // SAFETY: the range lies inside our mapping (clamped above); MADV_DONTNEED on
+            // a private file mapping only resets pages to the file's contents, and the
+            // caller guarantees nobody depends on the discarded modifications.
+            unsafe {
+                libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED);
+            }
+        }
+    }
 }
 
 impl AsRef<[u8]> for MappedFile {

@@ -221,6 +221,20 @@ impl PyArchive {
             .map_err(at(&self.file))
     }
 
+    /// Drops the process's mapped pages of a record once its data has been copied
+    /// elsewhere (a GPU): resident memory then never holds the whole checkpoint.
+    /// Private API: nothing may still read modified data from the record's views.
+    fn release(&self, py: Python<'_>, name: &str) -> PyResult<()> {
+        let rec = self.record(name)?;
+        if let Some(mapping) = &self.mapping {
+            let map = &mapping.bind(py).get().map;
+            // SAFETY: see MappedFile::discard; the loader calls this only after the
+            // record's bytes were copied to a device and its CPU view dropped.
+            unsafe { map.discard(rec.data_offset as usize, rec.size as usize) };
+        }
+        Ok(())
+    }
+
     /// Checks the CRC32 of the named records (all when `None`) on several threads.
     /// Returns `(record, problem)` for every failure instead of stopping at the first.
     #[pyo3(signature = (names=None))]

@@ -158,7 +158,7 @@ class SafetensorsImpl(Impl):
             import safetensors
             import safetensors.torch as st
         except Exception as e:  # pragma: no cover - depends on environment
-            raise LibUnavailable(f"cannot import safetensors: {e!r}")
+            raise LibUnavailable(f"cannot import safetensors: {e!r}") from e
         self._st = st
         self.version = getattr(safetensors, "__version__", "?")
         try:
@@ -214,7 +214,7 @@ def _import_impl_module(module_name: str):
             return importlib.import_module(module_name), extra
         except ImportError:
             del sys.path[: len(extra)]
-            raise first
+            raise first from None
 
 
 class FastserialImpl(Impl):
@@ -226,7 +226,7 @@ class FastserialImpl(Impl):
         try:
             mod, extra = _import_impl_module(module_name)
         except Exception as e:
-            raise LibUnavailable(f"cannot import {module_name!r}: {type(e).__name__}: {e}")
+            raise LibUnavailable(f"cannot import {module_name!r}: {type(e).__name__}: {e}") from e
         for attr in ("save", "load"):
             if not callable(getattr(mod, attr, None)):
                 raise LibUnavailable(f"module {module_name!r} has no callable {attr}()")
@@ -309,7 +309,7 @@ def make_impls(only, impl_module="fastserial", threads=None, explicit=False):
                     f"error: {msg}\n"
                     "  Build/install it first, drop it from --only, or benchmark a stand-in with "
                     "--impl-module torch."
-                )
+                ) from None
             log(
                 f"warning: {msg}\n"
                 f"  -> continuing without {name}. (Use --only to choose libraries, or "

@@ -28,21 +28,19 @@ import json
 import shutil
 import tempfile
 import time
-
-import _common
 import traceback
 from math import prod
 
-
+import _common
 from _common import (
     ALL_LIBS,
-    GiB,
-    MiB,
     WORKLOAD_DESC,
     WORKLOADS,
+    GiB,
+    MiB,
     build_workload,
-    configure_process,
     check_tmpdir,
+    configure_process,
     data_bytes,
     fmt_ratio,
     fmt_size,
@@ -53,8 +51,8 @@ from _common import (
     meta_lines,
     raw_read_into,
     raw_write,
-    render_table,
     release_freed_memory,
+    render_table,
     rm,
     run_child,
     system_meta,
@@ -226,7 +224,7 @@ def run_workload(name, impls, args, tmpdir):
     if "raw" in ops:
         raw_path = os.path.join(tmpdir, f"{name}.raw")
         wr = []
-        for rep in range(R):
+        for _rep in range(R):
             rm(raw_path)
             wr.append(timed_write(raw_write, obj, raw_path))
         res["baselines"]["raw_write"] = {"best": min(wr), "runs": wr, "what": "open(path,'wb') + f.write(memoryview) per tensor"}

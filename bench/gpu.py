@@ -62,9 +62,8 @@ def check(label: str, ok: bool, detail: str = "") -> bool:
 
 
 def correctness(tmp: str) -> bool:
-    import torch
-
     import fastserial
+    import torch
 
     good = True
     print("correctness")
@@ -142,9 +141,8 @@ def correctness(tmp: str) -> bool:
 
 def child(spec: dict) -> None:
     """Loads once in a fresh process and reports time and the CPU memory it added."""
-    import torch
-
     import fastserial
+    import torch
 
     torch.cuda.init()
     torch.zeros(1, device="cuda")
@@ -171,9 +169,8 @@ def child(spec: dict) -> None:
 
 
 def timings(tmp: str, repeats: int) -> list:
-    import torch
-
     import fastserial
+    import torch
 
     rows = []
     for name in ("big", "gpt2"):

@@ -22,10 +22,9 @@ import json
 import shutil
 import tempfile
 import time
-
-import _common
 from math import prod
 
+import _common
 from _common import (
     ALL_LIBS,
     GiB,
@@ -41,8 +40,8 @@ from _common import (
     make_impls,
     meta_lines,
     parse_size,
-    render_table,
     release_freed_memory,
+    render_table,
     rm,
     system_meta,
     timed,

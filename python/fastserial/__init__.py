@@ -12,9 +12,9 @@ without it.
 """
 
 from ._fastserial import CheckpointError, get_num_threads, set_num_threads
-from .location import register_package
-from .lazy import open
 from .allowlist import add_safe_globals, clear_safe_globals, get_safe_globals, safe_globals
+from .lazy import open
+from .location import register_package
 from .patch import patch_torch
 from .serialization import (
     DEFAULT_PROTOCOL,

@@ -80,7 +80,7 @@ class safe_globals:
         self.globals = list(globals_)
         self._added: list = []
 
-    def __enter__(self) -> "safe_globals":
+    def __enter__(self) -> safe_globals:
         with _lock:
             self._added = [g for g in self.globals if g not in _user]
         add_safe_globals(self._added)

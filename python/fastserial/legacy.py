@@ -20,6 +20,7 @@ import tarfile
 from typing import Any
 
 from . import _fastserial as _native
+from . import location as _location
 from .serialization import (
     CheckpointError,
     _atomic_ok,
@@ -31,7 +32,6 @@ from .serialization import (
     _unpickling_error,
     _ZipLoader,
 )
-from . import location as _location
 
 MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
 PROTOCOL_VERSION = 1001

@@ -68,7 +68,7 @@ class patch_torch:
 
     __call__: Callable[[], None] = undo
 
-    def __enter__(self) -> "patch_torch":
+    def __enter__(self) -> patch_torch:
         return self
 
     def __exit__(self, *exc) -> None:

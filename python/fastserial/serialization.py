@@ -25,11 +25,11 @@ import threading
 import warnings
 from collections import OrderedDict
 from enum import Enum
-from typing import IO, Any, BinaryIO, Callable, Optional, Union
+from typing import IO, Any, BinaryIO, Optional, Union
 
 from . import _fastserial as _native
-from . import location as _location
 from . import allowlist as _safe
+from . import location as _location
 from ._fastserial import CheckpointError
 
 __all__ = [
@@ -102,7 +102,7 @@ def _torch():
 class _TorchInfo:
     """Per-process lookups into torch, computed once."""
 
-    _instance: Optional["_TorchInfo"] = None
+    _instance: Optional[_TorchInfo] = None
     _lock = threading.Lock()
 
     def __init__(self) -> None:
@@ -137,7 +137,7 @@ class _TorchInfo:
         self.frombuffer = torch.frombuffer
 
     @classmethod
-    def get(cls) -> "_TorchInfo":
+    def get(cls) -> _TorchInfo:
         if cls._instance is None:
             with cls._lock:
                 if cls._instance is None:

@@ -1,0 +1,47 @@
+"""The typed stub _fastserial.pyi names exactly what the native module exports."""
+
+import ast
+import inspect
+import pathlib
+
+import fastserial._fastserial as native
+
+STUB = pathlib.Path(native.__file__).with_name("_fastserial.pyi")
+
+
+def _stub_tree():
+    return ast.parse(STUB.read_text())
+
+
+def _public(names):
+    return {n for n in names if not n.startswith("_")}
+
+
+def test_stub_lists_every_export_and_nothing_else():
+    tree = _stub_tree()
+    stub_names = set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            stub_names.add(node.name)
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            stub_names.add(node.target.id)
+    runtime = _public(dir(native))
+    assert _public(stub_names) == runtime
+
+
+def test_stub_classes_have_the_runtime_methods():
+    for node in _stub_tree().body:
+        if not isinstance(node, ast.ClassDef) or node.name == "CheckpointError":
+            continue
+        cls = getattr(native, node.name)
+        stub_methods = _public(
+            n.name for n in node.body if isinstance(n, ast.FunctionDef) and n.name != "__buffer__"
+        )
+        runtime = _public(
+            name for name, _ in inspect.getmembers(cls) if not name.startswith("__")
+        )
+        assert stub_methods - {"__init__"} == runtime, node.name
+
+
+def test_checkpoint_error_is_a_runtime_error():
+    assert issubclass(native.CheckpointError, RuntimeError)

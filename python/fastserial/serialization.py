@@ -979,6 +979,37 @@ def _archive_prefix(path: str) -> str:
     return stem or "archive"
 
 
+def _remove_stale_temp_files(path: str) -> None:
+    """Removes temporary files that earlier saves to ``path`` left behind when their
+    process was killed (``.NAME.fastserial-tmp-PID-N`` whose PID is gone)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    prefix = f".{os.path.basename(path)}{_native.TEMP_MARKER}"
+    try:
+        candidates = [n for n in os.listdir(directory) if n.startswith(prefix)]
+    except OSError:
+        return
+    for name in candidates:
+        pid_text = name[len(prefix):].split("-", 1)[0]
+        if not pid_text.isdigit() or _process_alive(int(pid_text)):
+            continue
+        try:
+            os.remove(os.path.join(directory, name))
+        except OSError:
+            pass
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _atomic_ok(path: str) -> bool:
     """Atomic replacement needs a regular file (or none) at ``path``."""
     try:
@@ -1021,6 +1052,8 @@ def save(
         target: Any = path
         prefix = _archive_prefix(path)
         atomic = _atomic_ok(path)
+        if atomic:
+            _remove_stale_temp_files(path)
     else:
         if not hasattr(f, "write"):
             raise AttributeError(

@@ -1,0 +1,33 @@
+"""Temporary files left by a killed save are removed by the next save to that path."""
+
+import os
+import subprocess
+import sys
+
+import torch
+
+import fastserial
+from fastserial._fastserial import TEMP_MARKER
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_next_save_removes_temp_files_of_dead_processes(tmp_path):
+    target = tmp_path / "ckpt.pt"
+    stale = tmp_path / f".ckpt.pt{TEMP_MARKER}{_dead_pid()}-0"
+    stale.write_bytes(b"half a checkpoint")
+    alive = tmp_path / f".ckpt.pt{TEMP_MARKER}{os.getppid()}-0"  # a live process's save
+    alive.write_bytes(b"in progress")
+    other = tmp_path / f".other.pt{TEMP_MARKER}{_dead_pid()}-0"  # another target's file
+    other.write_bytes(b"not ours")
+
+    fastserial.save({"x": torch.arange(4)}, target)
+
+    assert not stale.exists()
+    assert alive.exists()
+    assert other.exists()
+    assert torch.equal(fastserial.load(target)["x"], torch.arange(4))

@@ -159,13 +159,15 @@ mod tests {
     }
 }
 
-/// Asks the kernel to back `buf` with transparent huge pages when it is first touched
-/// (THP in `madvise` mode, the common default): filling a fresh 1 GiB buffer then
-/// takes ~500 page faults instead of ~260,000. Only the page-aligned interior is
-/// advised; errors are ignored (it is a hint).
-pub fn advise_huge_pages(buf: &mut [u8]) {
-    const HUGE: usize = 2 << 20;
-    if buf.len() < HUGE {
+/// Faults in `buf`'s pages for writing with one `madvise(MADV_POPULATE_WRITE)`
+/// (Linux 5.14+) instead of one page fault per 4 KiB during the copy: a fresh 1 GiB
+/// load spends about half as long in the kernel. Each reader thread prefaults its own
+/// piece, so this runs in parallel. Transparent huge pages were measured too and
+/// rejected: with THP defrag in `madvise` mode their direct compaction made loads
+/// swing between 0.2 s and 2.5 s. Errors (older kernels) are ignored: it is a hint.
+pub fn prefault_for_write(buf: &mut [u8]) {
+    const MADV_POPULATE_WRITE: libc::c_int = 23;
+    if buf.len() < (1 << 20) {
         return;
     }
     let page = 4096usize;
@@ -174,10 +176,10 @@ pub fn advise_huge_pages(buf: &mut [u8]) {
     if end <= start {
         return;
     }
-    // SAFETY: madvise with MADV_HUGEPAGE only changes how the kernel backs the pages of
-    // this range, which lies inside memory we hold a unique borrow of; it never changes
-    // contents or validity, and failure is harmless.
+    // SAFETY: MADV_POPULATE_WRITE only populates page tables for a range inside memory
+    // we hold a unique borrow of, as a write fault would; it never changes contents
+    // (fresh pages read as zero, existing pages keep their bytes).
     unsafe {
-        libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE);
+        libc::madvise(start as *mut libc::c_void, end - start, MADV_POPULATE_WRITE);
     }
 }

@@ -496,7 +496,6 @@ impl Archive {
         let mut pieces: Vec<Piece<'_>> = Vec::new();
         for job in jobs {
             let rec = job.record;
-            crate::storage::advise_huge_pages(job.dst);
             if job.dst.len() as u64 != rec.size {
                 return Err(Error::bad_record(
                     &rec.name,
@@ -559,6 +558,7 @@ impl Archive {
     }
 
     fn read_piece(&self, p: Piece<'_>, verify_crc: bool) -> Result<()> {
+        crate::storage::prefault_for_write(p.dst);
         if p.whole {
             self.read_into(p.record, p.dst, verify_crc)?;
         } else {

@@ -4,9 +4,8 @@ import os
 import subprocess
 import sys
 
-import torch
-
 import fastserial
+import torch
 from fastserial._fastserial import TEMP_MARKER
 
 

@@ -239,7 +239,7 @@ def _tensor_entry(name: str, t, users: dict) -> dict:
         "stride": list(t.stride),
         "storage_offset": t.storage_offset,
         "nbytes": t.nbytes,
-        "storage": t.storage.key,
+        "storage": str(t.storage.key),
         "storage_nbytes": t.storage.nbytes,
         "storage_users": users.get(t.storage.key, 1),
         "requires_grad": t.requires_grad,
@@ -371,11 +371,24 @@ def _print_report(r: dict, out: TextIO) -> None:
         out.write(f"error: {r['error']}\n")
 
 
+def _write_json(report: dict, out: TextIO) -> None:
+    """Indented JSON with one line per tensor (json's indenting encoder is pure Python,
+    too slow for checkpoints with many tensors)."""
+    out.write("{\n")
+    for i, (key, value) in enumerate(report.items()):
+        comma = "," if i < len(report) - 1 else ""
+        if isinstance(value, list) and value:
+            items = ",\n".join(f"    {json.dumps(v)}" for v in value)
+            out.write(f"  {json.dumps(key)}: [\n{items}\n  ]{comma}\n")
+        else:
+            out.write(f"  {json.dumps(key)}: {json.dumps(value)}{comma}\n")
+    out.write("}\n")
+
+
 def _cmd_inspect(args, out: TextIO, err: TextIO) -> int:
     report = inspect_report(args.path)
     if args.json:
-        json.dump(report, out, indent=2)
-        out.write("\n")
+        _write_json(report, out)
     else:
         _print_report(report, out)
     return _EXIT_FAIL if report["error"] else _EXIT_OK

@@ -67,6 +67,7 @@ class _LegacyLoader(_ZipLoader):
         self.swap = False
         self.storages: dict[Any, Any] = {}
         self.factory = None
+        self.stream_size = None
         # key -> (cpu storage to fill, storage that tensors use, dtype)
         self.to_fill: dict[Any, tuple] = {}
 
@@ -78,10 +79,21 @@ class _LegacyLoader(_ZipLoader):
             unpickler.persistent_load = persistent_load
         try:
             return unpickler.load()
-        except (CheckpointError, pickle.UnpicklingError):
+        except (CheckpointError, pickle.UnpicklingError, RecursionError, MemoryError):
             raise
         except EOFError as e:
             raise CheckpointError(f"{self.file}: the legacy checkpoint ends early: {e}") from e
+        except Exception as e:
+            if not self.weights_only and not isinstance(e, _LEGACY_DATA_ERRORS):
+                raise  # trusted loads: errors from the user's own classes pass through
+            if self.weights_only:
+                raise _unpickling_error(
+                    f"{self.file}: weights-only load failed in a legacy pickle: "
+                    f"{type(e).__name__}: {e}"
+                ) from e
+            raise CheckpointError(
+                f"{self.file}: damaged legacy checkpoint: {type(e).__name__}: {e}"
+            ) from e
 
     def legacy_persistent_load(self, saved_id):
         info = self.info
@@ -104,6 +116,11 @@ class _LegacyLoader(_ZipLoader):
             raise _unpickling_error(f"{self.file}: storage declares {numel!r} elements")
         itemsize = info.itemsize.get(dtype, 1)
         if root_key not in self.storages:
+            if self.stream_size is not None and numel * itemsize > self.stream_size:
+                raise CheckpointError(
+                    f"{self.file}: storage {root_key!r} declares {numel} elements "
+                    f"({numel * itemsize} bytes), more than the whole {self.stream_size}-byte file"
+                )
             cpu = info.UntypedStorage(numel * itemsize)
             restored = self.restore_location(cpu, location)
             typed = info.TypedStorage(wrap_storage=restored, dtype=dtype, _internal=True)
@@ -124,6 +141,7 @@ class _LegacyLoader(_ZipLoader):
         return self.storages[view_key]
 
     def load_stream(self, f):
+        self.stream_size = _stream_size(f)
         try:
             magic = self.unpickle(f)
         except Exception as e:
@@ -173,6 +191,21 @@ class _LegacyLoader(_ZipLoader):
             raise CheckpointError(
                 f"{self.file}: storage {key!r}: the file ends after {got} of its {nbytes} bytes"
             )
+
+
+#: Exceptions a damaged legacy pickle makes Python's unpickler raise.
+_LEGACY_DATA_ERRORS = (ValueError, TypeError, UnicodeDecodeError, KeyError, IndexError, struct.error)
+
+
+def _stream_size(f):
+    """The stream's total size when it can tell (files and BytesIO), else None."""
+    try:
+        pos = f.tell()
+        end = f.seek(0, io.SEEK_END)
+        f.seek(pos)
+        return end
+    except (AttributeError, OSError, ValueError):
+        return None
 
 
 def _writable_view(storage) -> memoryview:

@@ -13,6 +13,7 @@ import threading
 from typing import Any, Callable, Optional
 
 __all__ = [
+    "UnknownLocationError",
     "register_package",
     "location_tag",
     "default_restore_location",
@@ -169,6 +170,10 @@ def location_tag(storage) -> str:
     raise RuntimeError(f"don't know how to determine data location of {type(storage).__name__}")
 
 
+class UnknownLocationError(RuntimeError):
+    """No registered deserializer knows a storage's location tag."""
+
+
 def default_restore_location(storage, location: str):
     """Moves ``storage`` to ``location`` with the first deserializer that answers."""
     if location == "cpu" and storage.device.type == "cpu":
@@ -177,9 +182,10 @@ def default_restore_location(storage, location: str):
         result = deserializer(storage, location)
         if result is not None:
             return result
-    raise RuntimeError(
+    raise UnknownLocationError(
         f"don't know how to restore data location of {type(storage).__name__} "
-        f"(tagged with {location})"
+        f"(tagged with {location!r}); register a deserializer with "
+        "fastserial.register_package or pass map_location"
     )
 
 

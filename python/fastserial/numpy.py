@@ -326,11 +326,21 @@ class _StorageType:
 _UNTYPED = _StorageType("UntypedStorage", None)
 _STORAGE_MARKERS = {name: _StorageType(name, d) for name, d in _STORAGE_TYPES.items()}
 
+def _codecs_encode(text, encoding="utf-8", errors="strict"):
+    """Stand-in for ``_codecs.encode``, which protocol 2 uses to pickle bytes
+    (``encode(text, 'latin1')``): text codecs only, never codecs.encode's others."""
+    if not isinstance(text, str) or not isinstance(encoding, str) or not isinstance(errors, str):
+        raise pickle.UnpicklingError(f"_codecs.encode called with {type(text).__name__}, {encoding!r}")
+    if codecs.lookup(encoding).name not in ("iso8859-1", "utf-8", "ascii"):
+        raise pickle.UnpicklingError(f"_codecs.encode with codec {encoding!r} is not allowed")
+    return codecs.encode(text, encoding, errors)
+
+
 #: Non-torch globals a weights-only load may import (the same as the torch front end).
 _PLAIN_SAFE_GLOBALS: dict[str, Any] = {
     "collections.OrderedDict": collections.OrderedDict,
     "collections.Counter": collections.Counter,
-    "_codecs.encode": codecs.encode,  # how protocol 2 pickles bytes
+    "_codecs.encode": _codecs_encode,  # how protocol 2 pickles bytes
     "builtins.bytearray": bytearray,
     "builtins.set": set,
     "builtins.frozenset": frozenset,
@@ -590,8 +600,9 @@ class _Reader:
     """
 
     def __init__(self, display: str, mode: str, factory, encoding: str = "utf-8",
-                 problems: list | None = None):
+                 problems: list | None = None, unscanned: bool = False):
         self.file = display
+        self.unscanned = unscanned  # legacy streams: no native scan bounded the pickle first
         self.mode = mode
         self.factory = factory
         self.encoding = encoding
@@ -616,12 +627,18 @@ class _Reader:
         unpickler = _Unpickler(stream, self, persistent_load, encoding=self.encoding)
         try:
             return unpickler.load()
-        except (CheckpointError, pickle.UnpicklingError, UnsupportedTensorError, RecursionError,
-                MemoryError):
+        except (CheckpointError, pickle.UnpicklingError, UnsupportedTensorError, RecursionError):
             raise
         except EOFError as e:
             raise CheckpointError(f"{self.file}: the pickle ends early: {e}") from e
-        except (ValueError, KeyError, IndexError, TypeError, AttributeError, struct.error) as e:
+        except MemoryError as e:
+            if not self.unscanned:
+                raise
+            raise CheckpointError(
+                f"{self.file}: the pickle declares an object larger than memory (corrupted?)"
+            ) from e
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError, LookupError,
+                struct.error) as e:
             if self.mode != "trusting":
                 raise pickle.UnpicklingError(
                     f"{self.file}: weights-only load failed while unpickling: "
@@ -960,7 +977,16 @@ class _ZipArrays(_ArrayFactory):
 
 
 class _LegacyArrays(_ArrayFactory):
+    def __init__(self, file: str, size_limit: int):
+        super().__init__(file)
+        self.size_limit = size_limit
+
     def storage(self, info: StorageInfo):
+        if info.nbytes > self.size_limit:  # check before allocating what the pickle claims
+            raise CheckpointError(
+                f"{self.file}: storage {info.key!r} declares {info.nbytes} bytes but the whole "
+                f"file holds {self.size_limit}"
+            )
         info.raw = np.empty(info.nbytes, np.uint8)
         return _typed_view(info.raw, info.dtype)
 
@@ -1123,10 +1149,17 @@ def _legacy_keys(reader: _Reader, stream) -> list:
     return keys
 
 
+def _stream_size(stream) -> int:
+    here = stream.tell()
+    end = stream.seek(0, io.SEEK_END)
+    stream.seek(here)
+    return end
+
+
 def _load_legacy(opened: _Opened, mode: str, encoding: str):
     stream = opened.stream
-    factory = _LegacyArrays(opened.display)
-    reader = _Reader(opened.display, mode, factory, encoding)
+    factory = _LegacyArrays(opened.display, _stream_size(stream))
+    reader = _Reader(opened.display, mode, factory, encoding, unscanned=True)
     _legacy_header(reader, stream)
     result = reader.unpickle(stream, reader.legacy_persistent_load)
     for key in _legacy_keys(reader, stream):
@@ -1171,8 +1204,8 @@ def _load_tar(opened: _Opened, mode: str, encoding: str):
             f"{file}: cannot use weights_only=True with files saved in the legacy .tar format; "
             "load with weights_only=False only if you trust the file."
         )
-    factory = _LegacyArrays(file)
-    reader = _Reader(file, mode, factory, encoding)
+    factory = _LegacyArrays(file, _stream_size(opened.stream))
+    reader = _Reader(file, mode, factory, encoding, unscanned=True)
     try:
         with tarfile.open(fileobj=opened.stream, mode="r:", format=tarfile.PAX_FORMAT) as tar:
             return _read_tar(tar, reader, factory, file)
@@ -1347,7 +1380,8 @@ def _structure_zip(s: CheckpointStructure, mode: str, problems, encoding: str) -
 
 def _structure_legacy(s: CheckpointStructure, mode: str, problems, encoding: str) -> None:
     stream = s.opened.stream
-    reader = _Reader(s.file, mode, _MetaFactory(None, s.file, problems), encoding, problems)
+    reader = _Reader(s.file, mode, _MetaFactory(None, s.file, problems), encoding, problems,
+                     unscanned=True)
     _legacy_header(reader, stream)
     start = stream.tell()
     head = stream.read(2)

@@ -523,7 +523,10 @@ class _ZipLoader:
             untyped = info.UntypedStorage(nbytes, device="meta")
         else:
             cpu = self._cpu_storage(record, nbytes, swap)
-            untyped = self.restore_location(cpu, location)
+            try:
+                untyped = self.restore_location(cpu, location)
+            except _location.UnknownLocationError as e:
+                raise self._fail(f"record '{self.archive.prefix}/{record}': {e}") from None
             if self.staging and untyped.device.type != "cpu":
                 # Copied to the device: let go of the mapped pages it was read from.
                 del cpu

@@ -40,7 +40,9 @@ impl Rng {
 }
 
 fn data_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests").join("data")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests")
+        .join("data")
 }
 
 fn fixture_files() -> Vec<(String, Vec<u8>)> {
@@ -62,8 +64,11 @@ fn fixture_files() -> Vec<(String, Vec<u8>)> {
 fn written_archive() -> Vec<u8> {
     let mut w = ArchiveWriter::new(Vec::new(), "ckpt");
     // pickle.dumps(collections.OrderedDict(), protocol=2)
-    w.write_record("data.pkl", b"\x80\x02ccollections\nOrderedDict\nq\x00)Rq\x01.")
-        .unwrap();
+    w.write_record(
+        "data.pkl",
+        b"\x80\x02ccollections\nOrderedDict\nq\x00)Rq\x01.",
+    )
+    .unwrap();
     w.write_record(".format_version", b"1").unwrap();
     w.write_record("byteorder", b"little").unwrap();
     let floats: Vec<u8> = (0..300u32).flat_map(|i| (i as f32).to_le_bytes()).collect();
@@ -81,7 +86,12 @@ fn deflated_archive() -> Vec<u8> {
     enc.write_all(&plain).unwrap();
     let packed = enc.finish().unwrap();
     let records: Vec<(&str, u16, Vec<u8>, Vec<u8>)> = vec![
-        ("arc/data.pkl", 0, b"\x80\x02N.".to_vec(), b"\x80\x02N.".to_vec()),
+        (
+            "arc/data.pkl",
+            0,
+            b"\x80\x02N.".to_vec(),
+            b"\x80\x02N.".to_vec(),
+        ),
         ("arc/data/0", 8, packed, plain),
     ];
     zip_of(&records)
@@ -258,24 +268,46 @@ fn exercise_archive(archive: &Archive) {
             let mut buf = vec![0u8; rec.size as usize];
             let _ = archive.read_into(rec, &mut buf, true);
             for swap in [0usize, 2, 4, 8] {
-                let jobs = vec![ReadJob { record: rec, dst: &mut buf, swap }];
+                let jobs = vec![ReadJob {
+                    record: rec,
+                    dst: &mut buf,
+                    swap,
+                }];
                 let _ = archive.read_many_into(jobs, 2, swap == 4);
             }
             // A wrong-size destination must be an error, not a short or long copy.
             let mut wrong = vec![0u8; rec.size as usize + 1];
-            let _ = archive.read_many_into(vec![ReadJob { record: rec, dst: &mut wrong, swap: 0 }], 1, false);
+            let _ = archive.read_many_into(
+                vec![ReadJob {
+                    record: rec,
+                    dst: &mut wrong,
+                    swap: 0,
+                }],
+                1,
+                false,
+            );
         }
     }
     // Everything at once, on several threads, as a load does.
     let mut bufs: Vec<Vec<u8>> = records
         .iter()
-        .map(|r| if r.size <= BUFFER_LIMIT { vec![0u8; r.size as usize] } else { Vec::new() })
+        .map(|r| {
+            if r.size <= BUFFER_LIMIT {
+                vec![0u8; r.size as usize]
+            } else {
+                Vec::new()
+            }
+        })
         .collect();
     let jobs: Vec<ReadJob<'_>> = records
         .iter()
         .zip(bufs.iter_mut())
         .filter(|(r, _)| r.size <= BUFFER_LIMIT)
-        .map(|(record, dst)| ReadJob { record, dst: &mut dst[..], swap: 2 })
+        .map(|(record, dst)| ReadJob {
+            record,
+            dst: &mut dst[..],
+            swap: 2,
+        })
         .collect();
     let _ = archive.read_many_into(jobs, 3, false);
 }
@@ -304,8 +336,15 @@ fn iterations() -> usize {
         .unwrap_or(4000)
 }
 
+/// Fixtures larger than this are left out of the mutation corpus: every mutant is
+/// read a dozen ways, and big ones would only slow the run without new paths.
+const MAX_CORPUS_FILE: usize = 256 << 10;
+
 fn corpus() -> Vec<(String, Vec<u8>)> {
-    let mut corpus = fixture_files();
+    let mut corpus: Vec<_> = fixture_files()
+        .into_iter()
+        .filter(|(_, data)| data.len() <= MAX_CORPUS_FILE)
+        .collect();
     corpus.push(("<written>".into(), written_archive()));
     corpus.push(("<deflated>".into(), deflated_archive()));
     corpus
@@ -313,13 +352,15 @@ fn corpus() -> Vec<(String, Vec<u8>)> {
 
 #[test]
 fn unmutated_corpus_opens() {
-    for (name, data) in corpus() {
+    for (name, data) in fixture_files().into_iter().chain(corpus()) {
         let zip = data.starts_with(b"PK\x03\x04");
         let opened = Archive::open(Box::new(MemorySource(data.clone())));
         assert_eq!(opened.is_ok(), zip, "{name}: {:?}", opened.err());
         if let Ok(archive) = opened {
             for rec in archive.records() {
-                archive.verify_record(rec).unwrap_or_else(|e| panic!("{name}: {e}"));
+                archive
+                    .verify_record(rec)
+                    .unwrap_or_else(|e| panic!("{name}: {e}"));
             }
         }
     }
@@ -339,7 +380,9 @@ fn mutated_archives_never_panic() {
         let mut data = original.clone();
         let sigs = signature_positions(&data);
         let steps = 1 + local.below(3);
-        let what: Vec<String> = (0..steps).map(|_| mutate(&mut local, &mut data, &sigs)).collect();
+        let what: Vec<String> = (0..steps)
+            .map(|_| mutate(&mut local, &mut data, &sigs))
+            .collect();
         let via_file = i % 8 == 0;
         let result = catch_unwind(AssertUnwindSafe(|| {
             if via_file {
@@ -387,7 +430,10 @@ fn mutated_pickles_never_panic() {
             mutate(&mut local, &mut p, &[]);
         }
         let r = catch_unwind(|| pickle::scan(&p));
-        assert!(r.is_ok(), "pickle::scan panicked on mutant {i} (seed {seed:#x}): {p:?}");
+        assert!(
+            r.is_ok(),
+            "pickle::scan panicked on mutant {i} (seed {seed:#x}): {p:?}"
+        );
     }
 }
 

@@ -11,7 +11,9 @@ fn open(bytes: Vec<u8>) -> _fastserial::Result<Archive> {
 }
 
 fn pattern(n: usize, salt: u8) -> Vec<u8> {
-    (0..n).map(|i| (i as u8).wrapping_mul(31).wrapping_add(salt)).collect()
+    (0..n)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(salt))
+        .collect()
 }
 
 const SIZES: [usize; 10] = [0, 1, 2, 63, 64, 65, 127, 1000, 4096, 100_003];
@@ -38,7 +40,12 @@ fn round_trip_keeps_names_bytes_order_and_alignment() {
     assert_eq!(names, want);
     for (name, data) in &expect {
         let rec = archive.require(name).unwrap();
-        assert_eq!(rec.data_offset % 64, 0, "{name} data at {} is not 64-byte aligned", rec.data_offset);
+        assert_eq!(
+            rec.data_offset % 64,
+            0,
+            "{name} data at {} is not 64-byte aligned",
+            rec.data_offset
+        );
         assert_eq!(rec.size as usize, data.len());
         assert_eq!(rec.crc32, crc32fast::hash(data));
         assert_eq!(&archive.read(rec, true).unwrap(), data);
@@ -49,12 +56,19 @@ fn round_trip_keeps_names_bytes_order_and_alignment() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("ckpt.pt");
     std::fs::write(&path, &bytes).unwrap();
-    let archive = Archive::open(Box::new(FileSource::new(std::fs::File::open(&path).unwrap()).unwrap())).unwrap();
+    let archive = Archive::open(Box::new(
+        FileSource::new(std::fs::File::open(&path).unwrap()).unwrap(),
+    ))
+    .unwrap();
     let mut bufs: Vec<Vec<u8>> = expect.iter().map(|(_, d)| vec![0u8; d.len()]).collect();
     let jobs: Vec<ReadJob<'_>> = expect
         .iter()
         .zip(bufs.iter_mut())
-        .map(|((name, _), dst)| ReadJob { record: archive.get(name).unwrap(), dst, swap: 0 })
+        .map(|((name, _), dst)| ReadJob {
+            record: archive.get(name).unwrap(),
+            dst,
+            swap: 0,
+        })
         .collect();
     archive.read_many_into(jobs, 3, true).unwrap();
     for ((_, data), got) in expect.iter().zip(&bufs) {
@@ -67,7 +81,8 @@ fn many_records_switch_to_zip64_end_records() {
     const N: usize = 70_000;
     let mut w = ArchiveWriter::new(Vec::new(), "many");
     for i in 0..N {
-        w.write_record(&format!("data/{i}"), &(i as u32).to_le_bytes()).unwrap();
+        w.write_record(&format!("data/{i}"), &(i as u32).to_le_bytes())
+            .unwrap();
     }
     let bytes = w.finish().unwrap();
     // The classic end record saturates its 16-bit entry count.
@@ -92,12 +107,19 @@ fn corrupted_data_fails_crc_checks_but_not_unchecked_reads() {
     let archive = open(bytes).unwrap();
     let rec = archive.require("data/7").unwrap();
     let err = archive.verify_record(rec).unwrap_err().to_string();
-    assert!(err.contains("ckpt/data/7") && err.contains("CRC32"), "{err}");
+    assert!(
+        err.contains("ckpt/data/7") && err.contains("CRC32"),
+        "{err}"
+    );
     assert!(archive.read(rec, true).is_err());
     let unchecked = archive.read(rec, false).unwrap();
     assert_ne!(unchecked, expect[7].1);
     let mut dst = vec![0u8; rec.size as usize];
-    let job = vec![ReadJob { record: rec, dst: &mut dst, swap: 0 }];
+    let job = vec![ReadJob {
+        record: rec,
+        dst: &mut dst,
+        swap: 0,
+    }];
     assert!(archive.read_many_into(job, 2, true).is_err());
 }
 
@@ -109,7 +131,11 @@ fn every_truncation_is_an_error() {
     let bytes = w.finish().unwrap();
     for cut in 0..bytes.len() {
         let r = open(bytes[..cut].to_vec());
-        assert!(r.is_err(), "archive cut to {cut} of {} bytes opened", bytes.len());
+        assert!(
+            r.is_err(),
+            "archive cut to {cut} of {} bytes opened",
+            bytes.len()
+        );
     }
     assert!(open(bytes).is_ok());
 }
@@ -121,7 +147,15 @@ fn wrong_destination_size_is_an_error_naming_the_record() {
     let rec = archive.require("data/3").unwrap();
     let mut dst = vec![0u8; rec.size as usize + 8];
     let err = archive
-        .read_many_into(vec![ReadJob { record: rec, dst: &mut dst, swap: 0 }], 1, false)
+        .read_many_into(
+            vec![ReadJob {
+                record: rec,
+                dst: &mut dst,
+                swap: 0,
+            }],
+            1,
+            false,
+        )
         .unwrap_err();
     assert!(err.to_string().contains("ckpt/data/3"), "{err}");
 }
@@ -135,9 +169,12 @@ fn u32le(v: &mut Vec<u8>, x: u32) {
     v.extend_from_slice(&x.to_le_bytes());
 }
 
-/// A minimal zip: `(name, method, stored bytes, declared uncompressed size, crc)`.
-/// Sizes that do not fit 32 bits go in a zip64 extra field of the central header.
-fn zip_of(records: &[(&[u8], u16, Vec<u8>, u64, u32)]) -> Vec<u8> {
+/// One hand-built record: `(name, method, stored bytes, declared uncompressed size, crc)`.
+type RawRecord<'a> = (&'a [u8], u16, Vec<u8>, u64, u32);
+
+/// A minimal zip of `records`. Sizes that do not fit 32 bits go in a zip64 extra
+/// field of the central header.
+fn zip_of(records: &[RawRecord<'_>]) -> Vec<u8> {
     let mut out = Vec::new();
     let mut cd = Vec::new();
     for (name, method, stored, size, crc) in records {
@@ -199,7 +236,13 @@ fn deflated_records_round_trip() {
     let plain = pattern(50_000, 3);
     let crc = crc32fast::hash(&plain);
     let bytes = zip_of(&[
-        (b"arc/data.pkl", 0, b"\x80\x02N.".to_vec(), 4, crc32fast::hash(b"\x80\x02N.")),
+        (
+            b"arc/data.pkl",
+            0,
+            b"\x80\x02N.".to_vec(),
+            4,
+            crc32fast::hash(b"\x80\x02N."),
+        ),
         (b"arc/data/0", 8, deflate(&plain), plain.len() as u64, crc),
     ]);
     let archive = open(bytes).unwrap();
@@ -216,7 +259,13 @@ fn deflated_record_declaring_huge_size_is_refused_before_allocating() {
     let plain = b"\x80\x02N.".to_vec();
     let packed = deflate(&plain);
     for declared in [1u64 << 62, 1 << 40, 0xFFFF_FFFE, 1 << 28] {
-        let bytes = zip_of(&[(b"arc/data.pkl", 8, packed.clone(), declared, crc32fast::hash(&plain))]);
+        let bytes = zip_of(&[(
+            b"arc/data.pkl",
+            8,
+            packed.clone(),
+            declared,
+            crc32fast::hash(&plain),
+        )]);
         let err = match open(bytes.clone()) {
             Err(e) => e,
             Ok(archive) => {

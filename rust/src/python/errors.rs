@@ -28,17 +28,25 @@ impl From<FileError<'_>> for PyErr {
     fn from(FileError(file, err): FileError<'_>) -> PyErr {
         let msg = format!("{file}: {err}");
         match &err {
-            Error::Io { source, .. } => match source.kind() {
-                // A short read is a truncated checkpoint, not an OS failure.
-                ErrorKind::UnexpectedEof => CheckpointError::new_err(format!(
-                    "{msg} (the file ends early: truncated?)"
-                )),
-                ErrorKind::NotFound => PyFileNotFoundError::new_err(msg),
-                ErrorKind::PermissionDenied => PyPermissionError::new_err(msg),
-                ErrorKind::AlreadyExists => PyFileExistsError::new_err(msg),
-                ErrorKind::IsADirectory => PyIsADirectoryError::new_err(msg),
-                _ => PyOSError::new_err(msg),
-            },
+            Error::Io { source, .. } => {
+                if source.kind() == ErrorKind::UnexpectedEof {
+                    // A short read is a truncated checkpoint, not an OS failure.
+                    return CheckpointError::new_err(format!(
+                        "{msg} (the file ends early: truncated?)"
+                    ));
+                }
+                // OSError(errno, message) sets .errno, so callers can test for ENOSPC.
+                match (source.kind(), source.raw_os_error()) {
+                    (ErrorKind::NotFound, Some(code)) => PyFileNotFoundError::new_err((code, msg)),
+                    (ErrorKind::PermissionDenied, Some(code)) => PyPermissionError::new_err((code, msg)),
+                    (ErrorKind::AlreadyExists, Some(code)) => PyFileExistsError::new_err((code, msg)),
+                    (ErrorKind::IsADirectory, Some(code)) => PyIsADirectoryError::new_err((code, msg)),
+                    (_, Some(code)) => PyOSError::new_err((code, msg)),
+                    (ErrorKind::NotFound, None) => PyFileNotFoundError::new_err(msg),
+                    (ErrorKind::IsADirectory, None) => PyIsADirectoryError::new_err(msg),
+                    _ => PyOSError::new_err(msg),
+                }
+            }
             _ => CheckpointError::new_err(msg),
         }
     }

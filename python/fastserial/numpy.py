@@ -26,7 +26,7 @@ Torch objects other than tensors come back as small stand-ins:
 Saving accepts numpy arrays of any dtype torch has (``ml_dtypes`` ones included,
 big-endian and non-contiguous arrays too) and writes them as torch tensors; arrays
 that view one base array (same dtype) share one storage in the file, as torch does.
-Numpy scalars are written as Python scalars; :class:`TorchDType` and
+Numpy scalars are written as 0-d tensors of their dtype; :class:`TorchDType` and
 :class:`TorchDevice` as the real torch objects.
 
 Loading is weights-only by default, with the same guarantees as :func:`fastserial.load`:
@@ -71,6 +71,7 @@ except ImportError:  # pragma: no cover - depends on environment
     _ml_dtypes = None
 
 __all__ = [
+    "DTYPES",
     "CheckpointError",
     "TorchDType",
     "TorchDevice",
@@ -78,6 +79,7 @@ __all__ = [
     "dtype_from_torch_name",
     "load",
     "save",
+    "torch_dtype_for",
 ]
 
 FileLike = Union[str, os.PathLike, BinaryIO]
@@ -91,7 +93,39 @@ class UnsupportedTensorError(NotImplementedError):
 # --------------------------------------------------------------------------- dtypes
 
 
-class TorchDType:
+class _Frozen:
+    """Stand-ins are shared by every load: a pickle's BUILD opcode must not be able to
+    change them (the C unpickler would ``setattr`` whatever the file says)."""
+
+    __slots__ = ()
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"{type(self).__name__} objects are read-only")
+
+    def __delattr__(self, name):
+        raise AttributeError(f"{type(self).__name__} objects are read-only")
+
+
+_set = object.__setattr__
+
+
+class _Callable(_Frozen):
+    """A stand-in function or class for the unpickler: callable, not modifiable."""
+
+    __slots__ = ("_fn", "_name")
+
+    def __init__(self, fn: Callable, name: str):
+        _set(self, "_fn", fn)
+        _set(self, "_name", name)
+
+    def __call__(self, *args, **kwargs):
+        return self._fn(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return self._name
+
+
+class TorchDType(_Frozen):
     """Stand-in for a ``torch.dtype`` in torch-free loads.
 
     ``str()`` and ``repr()`` give torch's spelling (``"torch.float16"``); ``name`` is the
@@ -104,13 +138,13 @@ class TorchDType:
     __slots__ = ("__weakref__", "is_complex", "itemsize", "name", "numpy_dtype", "storage_name")
 
     def __init__(self, name: str, itemsize: int, numpy_dtype, storage_name: str | None):
-        self.name = name
-        self.itemsize = itemsize
-        self.numpy_dtype = None if numpy_dtype is None else np.dtype(numpy_dtype)
-        self.is_complex = name.startswith("complex")
-        #: torch's legacy storage class (``FloatStorage``); ``None`` for the dtypes torch
-        #: saves through ``UntypedStorage`` and ``_rebuild_tensor_v3``.
-        self.storage_name = storage_name
+        _set(self, "name", name)
+        _set(self, "itemsize", itemsize)
+        _set(self, "numpy_dtype", None if numpy_dtype is None else np.dtype(numpy_dtype))
+        _set(self, "is_complex", name.startswith("complex"))
+        # torch's legacy storage class (FloatStorage); None for the dtypes torch saves
+        # through UntypedStorage and _rebuild_tensor_v3.
+        _set(self, "storage_name", storage_name)
 
     @property
     def swap_size(self) -> int:
@@ -213,7 +247,7 @@ def torch_dtype_for(np_dtype) -> TorchDType:
     return found
 
 
-class TorchDevice:
+class TorchDevice(_Frozen):
     """Stand-in for a ``torch.device``: ``type`` (``"cpu"``, ``"cuda"``, ...) and
     ``index`` (``int`` or ``None``). ``str()`` gives ``"cuda:0"``; saving one with
     :func:`save` writes a real ``torch.device``."""
@@ -236,8 +270,8 @@ class TorchDevice:
             index = int(idx)
         if index is not None and (not isinstance(index, int) or index < 0):
             raise ValueError(f"invalid device index {index!r}")
-        self.type = type
-        self.index = index
+        _set(self, "type", type)
+        _set(self, "index", index)
 
     def __str__(self) -> str:
         return self.type if self.index is None else f"{self.type}:{self.index}"
@@ -259,13 +293,13 @@ class TorchDevice:
         return (TorchDevice, (self.type, self.index))
 
 
-class _TorchName:
+class _TorchName(_Frozen):
     """A torch object that only needs to be named (a layout, a qscheme, a class)."""
 
     __slots__ = ("full",)
 
     def __init__(self, full: str):
-        self.full = full
+        _set(self, "full", full)
 
     def __repr__(self) -> str:
         return self.full
@@ -290,7 +324,7 @@ _TENSOR_CLASSES = {
 }
 
 
-def _get_layout(name):
+def _layout_named(name):
     """Stand-in for ``torch.serialization._get_layout('torch.sparse_coo')``."""
     bare = name[6:] if isinstance(name, str) and name.startswith("torch.") else name
     layout = _LAYOUTS.get(bare)
@@ -299,7 +333,7 @@ def _get_layout(name):
     return layout
 
 
-def _size(*args):
+def _size_of(*args):
     """Stand-in for ``torch.Size``: a tuple of ints."""
     if len(args) > 1:
         raise pickle.UnpicklingError(f"torch.Size takes one sequence, got {len(args)} arguments")
@@ -310,14 +344,19 @@ def _size(*args):
     return values
 
 
-class _StorageType:
+_get_layout = _Callable(_layout_named, "torch.serialization._get_layout")
+_size = _Callable(_size_of, "torch.Size")
+_device = _Callable(TorchDevice, "torch.device")
+
+
+class _StorageType(_Frozen):
     """What a storage class global (``torch.FloatStorage``) unpickles to."""
 
     __slots__ = ("dtype", "name")
 
     def __init__(self, name: str, dtype: TorchDType | None):
-        self.name = name
-        self.dtype = dtype  # None: UntypedStorage (bytes; the tensor decides the dtype)
+        _set(self, "name", name)
+        _set(self, "dtype", dtype)  # None: UntypedStorage (bytes; the tensor decides the dtype)
 
     def __repr__(self) -> str:
         return f"torch.{self.name}"
@@ -339,8 +378,8 @@ def _codecs_encode(text, encoding="utf-8", errors="strict"):
 #: Non-torch globals a weights-only load may import (the same as the torch front end).
 _PLAIN_SAFE_GLOBALS: dict[str, Any] = {
     "collections.OrderedDict": collections.OrderedDict,
-    "collections.Counter": collections.Counter,
-    "_codecs.encode": _codecs_encode,  # how protocol 2 pickles bytes
+    "collections.Counter": _Callable(collections.Counter, "collections.Counter"),
+    "_codecs.encode": _Callable(_codecs_encode, "_codecs.encode"),  # protocol 2's bytes
     "builtins.bytearray": bytearray,
     "builtins.set": set,
     "builtins.frozenset": frozenset,
@@ -379,7 +418,6 @@ class StorageInfo:
         "raw",
         "record",
         "swap_pending",
-        "users",
     )
 
     def __init__(self, key, dtype: TorchDType | None, nbytes: int, location: str, record=None):
@@ -394,7 +432,6 @@ class StorageInfo:
         self.parent_offset = 0
         self.swap_pending = False
         self.raw: np.ndarray | None = None
-        self.users = 0
 
     def __repr__(self) -> str:
         return f"StorageInfo(key={self.key!r}, dtype={self.dtype}, nbytes={self.nbytes})"
@@ -466,6 +503,7 @@ class Opaque:
     (``inspect``, ``verify``): it records what the pickle gave it and runs nothing."""
 
     _global = "?"
+    _family: dict = {}
 
     def __new__(cls, *args, **kwargs):
         self = object.__new__(cls)
@@ -492,20 +530,19 @@ class Opaque:
             self.append(v)
 
     def __call__(self, *args, **kwargs):
-        return _opaque_class(f"{self._global}()")(*args, **kwargs)
+        return _opaque_class(f"{self._global}()", self._family)(*args, **kwargs)
 
     def __repr__(self) -> str:
         return f"<{self._global} (not loaded)>"
 
 
-_opaque_classes: dict[str, type] = {}
-
-
-def _opaque_class(full: str) -> type:
-    cls = _opaque_classes.get(full)
+def _opaque_class(full: str, family: dict) -> type:
+    """The placeholder class for ``full``, one per load (``family``): a pickle that
+    modifies a placeholder class cannot affect any other load."""
+    cls = family.get(full)
     if cls is None:
-        cls = type("Opaque", (Opaque,), {"_global": full})
-        _opaque_classes[full] = cls
+        cls = type("Opaque", (Opaque,), {"_global": full, "_family": family})
+        family[full] = cls
     return cls
 
 
@@ -543,7 +580,7 @@ def _torch_standin(module: str, name: str):
         if name == "Size":
             return _size
         if name == "device":
-            return TorchDevice
+            return _device
         if name == "Tensor":
             return _TENSOR
         return _LAYOUTS.get(name) or _QSCHEMES.get(name) or _TENSOR_CLASSES.get(name)
@@ -602,7 +639,7 @@ class _Reader:
     def __init__(self, display: str, mode: str, factory, encoding: str = "utf-8",
                  problems: list | None = None, unscanned: bool = False):
         self.file = display
-        self.unscanned = unscanned  # legacy streams: no native scan bounded the pickle first
+        self.unscanned = unscanned  # legacy streams: scan each pickle before unpickling it
         self.mode = mode
         self.factory = factory
         self.encoding = encoding
@@ -610,6 +647,7 @@ class _Reader:
         self.storages: dict[Any, Any] = {}
         self.info_of: dict[int, StorageInfo] = {}
         self.globals_seen: list[str] = []
+        self._opaque_family: dict[str, type] = {}
         self._rebuilds = {
             "_rebuild_tensor": self.rebuild_tensor,
             "_rebuild_tensor_v2": self.rebuild_tensor_v2,
@@ -624,6 +662,8 @@ class _Reader:
     def unpickle(self, stream, persistent_load: Callable | None = None):
         if persistent_load is None:
             persistent_load = self._no_persistent_ids
+        if self.unscanned:
+            self._scan(stream)
         unpickler = _Unpickler(stream, self, persistent_load, encoding=self.encoding)
         try:
             return unpickler.load()
@@ -645,6 +685,29 @@ class _Reader:
                     f"{type(e).__name__}: {e}"
                 ) from e
             raise
+
+    def _scan(self, stream) -> None:
+        """The native scan of the pickle starting at the stream's position (legacy
+        files are pickles back to back): bounds every length before Python's unpickler
+        allocates for it, and finds opcodes a weights-only load refuses."""
+        start = stream.tell()
+        window = 1 << 16
+        while True:
+            data = stream.read(window)
+            try:
+                scan = _native.scan_pickle(data, f"{self.file}: the pickle at byte {start}")
+                break
+            except CheckpointError:
+                if len(data) < window:  # the scan saw the whole rest of the file
+                    raise
+                window *= 8
+                stream.seek(start)
+        stream.seek(start)
+        if self.mode == "strict" and scan["unsafe_opcodes"]:
+            raise pickle.UnpicklingError(
+                f"{self.file}: weights-only load refuses pickle opcodes "
+                f"{', '.join(scan['unsafe_opcodes'])}"
+            )
 
     def _no_persistent_ids(self, saved_id):
         raise pickle.UnpicklingError(f"{self.file}: unexpected persistent id {str(saved_id)[:80]!r}")
@@ -678,7 +741,7 @@ class _Reader:
         if plain is not None:
             return plain
         if self.mode == "opaque":
-            return _opaque_class(full)
+            return _opaque_class(full, self._opaque_family)
         blocked = module.split(".")[0] in _safe.BLOCKED_MODULES
         if self.mode == "strict":
             user = None if blocked else _safe.user_safe_globals().get(full)
@@ -800,7 +863,6 @@ class _Reader:
             raise pickle.UnpicklingError(
                 f"{self.file}: {fn}: invalid view (offset {offset!r}, size {size}, stride {stride})"
             )
-        info.users += 1
         problem = None
         numel = 1
         extent = offset
@@ -1453,14 +1515,14 @@ def _join(prefix: str, key) -> str:
 # --------------------------------------------------------------------------- save
 
 
-class _TorchGlobal:
+class _TorchGlobal(_Frozen):
     """A torch function written into a pickle by name; never imported."""
 
     __slots__ = ("module", "name")
 
     def __init__(self, module: str, name: str):
-        self.module = module
-        self.name = name
+        _set(self, "module", module)
+        _set(self, "name", name)
 
     def __call__(self, *args, **kwargs):  # picklers insist that a reduce function is callable
         raise TypeError(f"{self.module}.{self.name} is a placeholder for pickling only")

@@ -71,9 +71,33 @@ class _LegacyLoader(_ZipLoader):
         # key -> (cpu storage to fill, storage that tensors use, dtype)
         self.to_fill: dict[Any, tuple] = {}
 
+    def _next_pickle(self, stream):
+        """The stream's next pickle, scanned natively first (lengths, memo bounds,
+        unsafe opcodes) before Python's unpickler can allocate for it. The window
+        grows until the whole pickle fits; the stream is left just past it."""
+        start = stream.tell()
+        window = 1 << 20
+        while True:
+            stream.seek(start)
+            data = stream.read(window)
+            try:
+                scan = _native.scan_pickle(data, self.file)
+                break
+            except CheckpointError:
+                if len(data) < window:
+                    raise
+                window *= 4
+        if self.weights_only and scan["unsafe_opcodes"]:
+            raise _unpickling_error(
+                f"{self.file}: weights-only load refuses pickle opcodes "
+                f"{', '.join(scan['unsafe_opcodes'])}"
+            )
+        stream.seek(start + scan["end"])
+        return io.BufferedReader(io.BytesIO(data[: scan["end"]]), buffer_size=1 << 20)
+
     def unpickle(self, stream, persistent_load=None):
         unpickler = _unpickler_class(self.pickle_module)(
-            stream, loader=self, **self.pickle_load_args
+            self._next_pickle(stream), loader=self, **self.pickle_load_args
         )
         if persistent_load is not None:
             unpickler.persistent_load = persistent_load
@@ -84,8 +108,12 @@ class _LegacyLoader(_ZipLoader):
         except EOFError as e:
             raise CheckpointError(f"{self.file}: the legacy checkpoint ends early: {e}") from e
         except Exception as e:
-            if not self.weights_only and not isinstance(e, _LEGACY_DATA_ERRORS):
-                raise  # trusted loads: errors from the user's own classes pass through
+            if not self.weights_only and (
+                not isinstance(e, _LEGACY_DATA_ERRORS) or isinstance(e, UnicodeDecodeError)
+            ):
+                # Trusted loads: errors from the user's own classes, and a wrong
+                # `encoding=` for Python 2 strings, pass through as from torch.load.
+                raise
             if self.weights_only:
                 raise _unpickling_error(
                     f"{self.file}: weights-only load failed in a legacy pickle: "

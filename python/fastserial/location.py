@@ -14,6 +14,7 @@ from typing import Any, Callable, Optional
 
 __all__ = [
     "UnknownLocationError",
+    "cpu_overridden",
     "register_package",
     "location_tag",
     "default_restore_location",
@@ -25,6 +26,11 @@ Deserializer = Callable[[Any, str], Any]
 
 _registry: list[tuple[int, Tagger, Deserializer]] = []
 _lock = threading.Lock()
+#: Priority of the built-in cpu entry; user entries that run before it may retag or
+#: move CPU storages, which turns off the CPU shortcuts of save and load.
+_CPU_PRIORITY = 10
+_builtins_registered = False
+_cpu_overridden = False
 
 
 def register_package(priority: int, tagger: Tagger, deserializer: Deserializer) -> None:
@@ -38,9 +44,17 @@ def register_package(priority: int, tagger: Tagger, deserializer: Deserializer) 
         raise TypeError(f"priority must be an int, got {type(priority).__name__}")
     if not callable(tagger) or not callable(deserializer):
         raise TypeError("tagger and deserializer must be callable")
+    global _cpu_overridden
     with _lock:
         _registry.append((priority, tagger, deserializer))
         _registry.sort(key=lambda entry: entry[0])
+        if _builtins_registered and priority <= _CPU_PRIORITY:
+            _cpu_overridden = True
+
+
+def cpu_overridden() -> bool:
+    """True once a user entry runs at or before the built-in cpu one."""
+    return _cpu_overridden
 
 
 def _torch():
@@ -157,11 +171,12 @@ def _register_builtins() -> None:
 
 
 _register_builtins()
+_builtins_registered = True
 
 
 def location_tag(storage) -> str:
     """The location string the registry gives ``storage``."""
-    if storage.device.type == "cpu":  # the common case, without walking the registry
+    if not _cpu_overridden and storage.device.type == "cpu":  # the common case
         return "cpu"
     for _, tagger, _ in _registry:
         location = tagger(storage)
@@ -176,7 +191,7 @@ class UnknownLocationError(RuntimeError):
 
 def default_restore_location(storage, location: str):
     """Moves ``storage`` to ``location`` with the first deserializer that answers."""
-    if location == "cpu" and storage.device.type == "cpu":
+    if not _cpu_overridden and location == "cpu" and storage.device.type == "cpu":
         return storage
     for _, _, deserializer in _registry:
         result = deserializer(storage, location)

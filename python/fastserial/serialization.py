@@ -393,6 +393,7 @@ class _ZipLoader:
         }
         lazy = (
             not scan["persistent_id_reused"]
+            and not _location.cpu_overridden()
             and _cpu_stays_cpu(self.map_location)
             and all(g in _INERT_GLOBALS or _is_storage_global(g) or _is_dtype_global(g) for g in globals_used)
         )
@@ -551,9 +552,10 @@ class _ZipLoader:
         otherwise (compressed, byte-swapped, misaligned) an owned aligned copy."""
         info = self.info
         offset, size, _crc, compressed = self.archive.info(record)
-        itemsize = info.itemsize.get(dtype, 1)
-        count = count_bytes // itemsize
-        if compressed or swap > 1 or offset % max(itemsize, 1):
+        count = count_bytes // info.itemsize.get(dtype, 1)
+        if compressed or swap > 1 or offset % 64:
+            # Compressed, byte-swapped, or off torch's 64-byte alignment (a zip written
+            # by another tool): an aligned owned copy, never a misaligned view.
             buffer = self.archive.read_buffer(record, swap=swap, verify=self.verify)
             return info.frombuffer(buffer, dtype=dtype, count=count)
         return info.frombuffer(self.mapping, dtype=dtype, count=count, offset=offset)
@@ -590,7 +592,7 @@ class _ZipLoader:
         if untyped.device.type != "meta":
             self._check_view(
                 untyped.nbytes(), info.itemsize.get(dtype, 1), offset, size, stride,
-                f"{self.file}: a storage",
+                "a storage",
             )
         return info.empty((0,), dtype=dtype, device=untyped.device).set_(
             untyped, offset, size, stride
@@ -637,8 +639,21 @@ class _ZipLoader:
             wrap_storage=storage.untyped(self.factory), dtype=storage.dtype, _internal=True
         )
 
-    def rebuild_qtensor(self, storage, *args):
-        return self.info.torch._utils._rebuild_qtensor(self.materialize(storage), *args)
+    def rebuild_qtensor(self, storage, storage_offset, size, stride, *args):
+        typed = self.materialize(storage)
+        # Packed sub-byte types (quint4x2, quint2x4) count elements below a byte: torch's
+        # own set_ checks those; byte-sized ones are checked here with a typed error.
+        packed = str(getattr(typed, "dtype", "")) in ("torch.quint4x2", "torch.quint2x4")
+        if (
+            isinstance(typed, self.info.TypedStorage)
+            and not packed
+            and typed._untyped_storage.device.type != "meta"
+        ):
+            self._check_view(
+                typed._untyped_storage.nbytes(), self.info.itemsize.get(typed.dtype, 1),
+                storage_offset, size, stride, "a quantized tensor's storage",
+            )
+        return self.info.torch._utils._rebuild_qtensor(typed, storage_offset, size, stride, *args)
 
     # -- globals
 
@@ -707,6 +722,8 @@ def _refusal(file: str, full: str, blocked: bool = False) -> str:
 
 
 def _is_storage_global(full: str) -> bool:
+    if full in ("torch.storage.UntypedStorage", "torch.storage.TypedStorage"):
+        return True
     return full.startswith("torch.") and full.endswith("Storage") and full.count(".") == 1
 
 
@@ -784,7 +801,10 @@ def _unpickler_class(pickle_module):
     """An Unpickler subclass of ``pickle_module.Unpickler`` that asks the loader for
     every global (cached per pickle module)."""
     module = pickle_module if pickle_module is not None else pickle
-    cls = _unpickler_classes.get(module)
+    try:
+        cls = _unpickler_classes.get(module)
+    except TypeError:  # an unhashable pickle module: build the class uncached
+        cls = None
     if cls is not None:
         return cls
     base = module.Unpickler
@@ -804,7 +824,10 @@ def _unpickler_class(pickle_module):
             return super().find_class(_MODULE_RENAMES.get(module_name, module_name), name)
 
     with _unpickler_lock:
-        _unpickler_classes[module] = Unpickler
+        try:
+            _unpickler_classes[module] = Unpickler
+        except TypeError:
+            pass
     return Unpickler
 
 
@@ -951,6 +974,7 @@ def _save_helper():
             "get_tensor_metadata": info.get_tensor_metadata,
         },
         {"pid_for_storage": pid_for_storage, "location_tag": _location.location_tag},
+        cpu_shortcut=not _location.cpu_overridden(),
     )
     return helper
 
@@ -961,7 +985,10 @@ _pickler_classes: dict = {}
 def _pickler_class(pickle_module):
     """A Pickler subclass of ``pickle_module.Pickler`` whose hooks are a SaveHelper's.
     Both C and pure-Python picklers read the hooks as instance attributes."""
-    cls = _pickler_classes.get(pickle_module)
+    try:
+        cls = _pickler_classes.get(pickle_module)
+    except TypeError:  # an unhashable pickle module: build the class uncached
+        cls = None
     if cls is None:
 
         class Pickler(pickle_module.Pickler):  # type: ignore[misc,name-defined]
@@ -970,7 +997,11 @@ def _pickler_class(pickle_module):
                 self.reducer_override = helper.reducer_override
                 super().__init__(file, protocol)
 
-        cls = _pickler_classes[pickle_module] = Pickler
+        cls = Pickler
+        try:
+            _pickler_classes[pickle_module] = cls
+        except TypeError:
+            pass
     return cls
 
 

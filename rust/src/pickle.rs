@@ -17,8 +17,12 @@ pub struct PickleScan {
     pub persistent_id_reused: bool,
     /// The protocol from the PROTO opcode (0 or 1 when absent).
     pub protocol: u8,
-    /// Opcodes that a weights-only load refuses (out-of-band buffers, extensions).
+    /// Opcodes that a weights-only load refuses: out-of-band buffers, extensions, and
+    /// BUILD / SETITEM / APPEND aimed at an imported global, which would modify that
+    /// class or function for the whole process.
     pub unsafe_opcodes: Vec<String>,
+    /// Offset just past the STOP opcode (where a following pickle would start).
+    pub end: usize,
 }
 
 /// What the scanner tracks of a stack value: strings as byte ranges of the pickle
@@ -27,6 +31,8 @@ pub struct PickleScan {
 enum Val {
     Str(usize, usize),
     Persid,
+    /// An object imported by GLOBAL / STACK_GLOBAL / EXT: a class or function.
+    Global,
     Other,
 }
 
@@ -139,7 +145,10 @@ pub fn scan(data: &[u8]) -> Result<PickleScan> {
         let op_pos = s.pos;
         let op = s.u8().map_err(|_| s.err("pickle ends without a STOP opcode"))?;
         match op {
-            b'.' => break, // STOP
+            b'.' => {
+                out.end = s.pos;
+                break;
+            }
             b'(' => marks.push(stack.len()),
             b'0' => {
                 if stack.is_empty() || marks.last() == Some(&stack.len()) {
@@ -200,6 +209,7 @@ pub fn scan(data: &[u8]) -> Result<PickleScan> {
             }
             b'b' => {
                 pop!();
+                mutation_target(&mut out, &stack, "BUILD", op_pos);
             }
             b'S' => {
                 let l = s.line()?;
@@ -260,8 +270,10 @@ pub fn scan(data: &[u8]) -> Result<PickleScan> {
                 add_global(&mut out, m, n);
                 if op == b'i' {
                     pop_mark!();
+                    push!(Val::Other)
+                } else {
+                    push!(Val::Global)
                 }
-                push!(Val::Other)
             }
             0x93 => {
                 let name = pop!();
@@ -272,15 +284,25 @@ pub fn scan(data: &[u8]) -> Result<PickleScan> {
                     }
                     _ => add_global(&mut out, "<dynamic>".into(), "<dynamic>".into()),
                 }
-                push!(Val::Other)
+                push!(Val::Global)
             }
             b'a' => {
                 pop!();
+                mutation_target(&mut out, &stack, "APPEND", op_pos);
             }
-            b'e' | b'u' | 0x90 => pop_mark!(),
+            b'e' | b'u' | 0x90 => {
+                pop_mark!();
+                let name = match op {
+                    b'e' => "APPENDS",
+                    b'u' => "SETITEMS",
+                    _ => "ADDITEMS",
+                };
+                mutation_target(&mut out, &stack, name, op_pos);
+            }
             b's' => {
                 pop!();
                 pop!();
+                mutation_target(&mut out, &stack, "SETITEM", op_pos);
             }
             b'd' | b'l' | b't' | 0x91 => {
                 pop_mark!();
@@ -355,7 +377,7 @@ pub fn scan(data: &[u8]) -> Result<PickleScan> {
                 };
                 s.le(w)?;
                 out.unsafe_opcodes.push(format!("EXT{w}"));
-                push!(Val::Other)
+                push!(Val::Global)
             }
             0x97 => {
                 out.unsafe_opcodes.push("NEXT_BUFFER".into());
@@ -370,6 +392,14 @@ pub fn scan(data: &[u8]) -> Result<PickleScan> {
         }
     }
     Ok(out)
+}
+
+/// Records an unsafe mutation when the object an opcode modifies is an imported global.
+fn mutation_target(out: &mut PickleScan, stack: &[Val], opcode: &str, at: usize) {
+    if matches!(stack.last(), Some(Val::Global)) {
+        out.unsafe_opcodes
+            .push(format!("{opcode} on an imported global (at byte {at})"));
+    }
 }
 
 fn parse_index(line: &[u8]) -> Option<u64> {
@@ -418,6 +448,27 @@ mod tests {
         assert!(scan(b"\x80\x02").is_err());
         assert!(scan(b"\x80\x02X\xff\xff\xff\x7fab.").is_err());
         assert!(scan(b"\x80\x02\x95\x00\x00\x00\x00\x00\x00\x01\x00N.").is_err());
+    }
+
+    #[test]
+    fn flags_build_on_an_imported_global() {
+        // GLOBAL collections Counter; (None, {'most_common': 1}); BUILD -> setattr on the class
+        let p = b"\x80\x02ccollections\nCounter\nN}X\x0b\x00\x00\x00most_commonK\x01s\x86b.";
+        let s = scan(p).unwrap();
+        assert_eq!(s.unsafe_opcodes.len(), 1, "{:?}", s.unsafe_opcodes);
+        assert!(s.unsafe_opcodes[0].starts_with("BUILD"));
+        // BUILD on an instance (what OrderedDict._metadata uses) is fine.
+        let p = b"\x80\x02ccollections\nOrderedDict\n)R}X\x01\x00\x00\x00aK\x01sb.";
+        assert!(scan(p).unwrap().unsafe_opcodes.is_empty());
+        // ...also when the global comes back from the memo.
+        let p = b"\x80\x02ccollections\nCounter\nq\x000h\x00N}\x86b.";
+        assert_eq!(scan(p).unwrap().unsafe_opcodes.len(), 1);
+    }
+
+    #[test]
+    fn reports_where_the_pickle_ends() {
+        let s = scan(b"\x80\x02K\x01.trailing").unwrap();
+        assert_eq!(s.end, 5);
     }
 
     #[test]

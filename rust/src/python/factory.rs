@@ -202,7 +202,9 @@ impl TensorFactory {
                 )));
             }
         }
-        let swap = if swap_pending > 1 { swap_size } else { 0 };
+        // Byte-swap by the tensor's dtype, also over an untyped (uint8) storage.
+        let swap = if self.swap { swap_size } else { 0 };
+        let _ = swap_pending;
         let numel = (nbytes / itemsize.max(1)) as i64;
         let dense = off == 0 && numel as usize * itemsize == nbytes && nbytes > 0 && is_dense(&size, &stride, numel);
         if !has_storage && dense {
@@ -211,7 +213,9 @@ impl TensorFactory {
             if let Some(mapping) = &self.mapping {
                 let archive = self.archive(py);
                 let rec = &archive.archive.records()[record];
-                let plain = rec.compression == Compression::Stored && swap <= 1 && rec.data_offset % itemsize as u64 == 0;
+                // Zero-copy only for records on torch's 64-byte alignment: anything else
+                // (archives re-zipped without padding) is copied to aligned memory.
+                let plain = rec.compression == Compression::Stored && swap <= 1 && rec.data_offset % 64 == 0;
                 if plain {
                     kwargs.set_item(intern!(py, "count"), numel)?;
                     kwargs.set_item(intern!(py, "offset"), rec.data_offset)?;

@@ -62,6 +62,9 @@ pub struct SaveHelper {
     typed_storage_cls: Py<PyAny>,
     refs: HashMap<usize, Py<StorageRef>>,
     storages: Vec<SeenStorage>,
+    /// CPU storages are tagged 'cpu' without asking the registry (false when a user
+    /// entry runs before the built-in cpu tagger).
+    cpu_shortcut: bool,
     dtype_by_ptr: HashMap<usize, Py<PyAny>>,
 }
 
@@ -86,7 +89,7 @@ impl SaveHelper {
 
     /// The storage's location tag; `on_cpu` when the caller already knows it is 'cpu'.
     fn location(&self, py: Python<'_>, untyped: &Bound<'_, PyAny>, on_cpu: bool) -> PyResult<Py<PyAny>> {
-        if on_cpu {
+        if on_cpu && self.cpu_shortcut {
             return Ok(self.cpu_tag.clone_ref(py).into_any());
         }
         self.py_location_tag.call1(py, (untyped,))
@@ -96,7 +99,8 @@ impl SaveHelper {
 #[pymethods]
 impl SaveHelper {
     #[new]
-    fn new(torch_objs: &Bound<'_, PyDict>, fallbacks: &Bound<'_, PyDict>) -> PyResult<Self> {
+    #[pyo3(signature = (torch_objs, fallbacks, cpu_shortcut=true))]
+    fn new(torch_objs: &Bound<'_, PyDict>, fallbacks: &Bound<'_, PyDict>, cpu_shortcut: bool) -> PyResult<Self> {
         let py = torch_objs.py();
         let get = |d: &Bound<'_, PyDict>, k: &str| -> PyResult<Py<PyAny>> {
             d.get_item(k)?
@@ -128,6 +132,7 @@ impl SaveHelper {
             refs: HashMap::new(),
             storages: Vec::new(),
             dtype_by_ptr: HashMap::new(),
+            cpu_shortcut,
         })
     }
 

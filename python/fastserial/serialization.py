@@ -1097,10 +1097,18 @@ def save(
         target, prefix, atomic = f, "archive", False
 
     helper = _save_helper()
-    buf = io.BytesIO()
-    with _gc_paused():
-        _pickler_class(pickle_module)(buf, pickle_protocol, helper).dump(obj)
-    pickled = buf.getbuffer()
+    pickled = None
+    if pickle_module is pickle and pickle_protocol == 2 and type(obj) in (dict, OrderedDict):
+        # State dicts (str -> plain tensor) are pickled natively, with the opcodes the
+        # general path below would produce; anything else returns None.
+        pickled = helper.fast_state_dict(obj)
+    if pickled is None:
+        buf = io.BytesIO()
+        with _gc_paused():
+            _pickler_class(pickle_module)(buf, pickle_protocol, helper).dump(obj)
+        pickled = buf.getbuffer()
+    else:
+        pickled = memoryview(pickled)
 
     writer = _native.ArchiveWriter(target, prefix, atomic=atomic, durable=fsync)
     try:

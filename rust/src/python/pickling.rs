@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use pyo3::exceptions::PyRuntimeError;
 use pyo3::intern;
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyList, PyString, PyTuple};
+use pyo3::types::{PyBool, PyDict, PyList, PyString, PyTuple};
 
 /// Stands for a storage inside a reduce tuple; `persistent_id` turns it into its id.
 #[pyclass(module = "fastserial._fastserial", frozen)]
@@ -173,6 +173,118 @@ impl SaveHelper {
         if !ty.is(self.tensor_type.bind(py)) {
             return Ok(py.NotImplemented());
         }
+        let Some(t) = self.plain_tensor(obj)? else {
+            return Ok(py.NotImplemented());
+        };
+        let size = PyTuple::new(py, t.size.iter())?;
+        let stride = PyTuple::new(py, t.stride.iter())?;
+        let mut args: Vec<Py<PyAny>> = vec![
+            t.storage.into_any(),
+            t.offset.into_pyobject(py)?.into_any().unbind(),
+            size.into_any().unbind(),
+            stride.into_any().unbind(),
+            PyBool::new(py, t.requires_grad).to_owned().into_any().unbind(),
+            self.ordered_dict.call0(py)?,
+        ];
+        if t.v3 {
+            args.push(t.dtype.clone().unbind());
+        }
+        if let Some(metadata) = t.metadata {
+            args.push(metadata);
+        }
+        let func = if t.v3 { &self.rebuild_v3 } else { &self.rebuild_v2 };
+        Ok(PyTuple::new(py, [func.clone_ref(py), PyTuple::new(py, args)?.into_any().unbind()])?.into_any().unbind())
+    }
+
+    /// Registers a storage met directly (not through a tensor) and returns its key:
+    /// the same key space as tensors' storages, so sharing is kept.
+    fn key_for(&mut self, py: Python<'_>, untyped: &Bound<'_, PyAny>, dtype: &Bound<'_, PyAny>, pid_type: Py<PyAny>, numel: usize) -> PyResult<String> {
+        let device_type = untyped.getattr(intern!(py, "device"))?.getattr(intern!(py, "type"))?;
+        let device_type: String = device_type.extract()?;
+        let address: usize = if device_type == "meta" {
+            0
+        } else {
+            untyped.call_method0(intern!(py, "data_ptr"))?.extract()?
+        };
+        self.check_dtype(py, address, dtype)?;
+        let cdata: usize = untyped.getattr(intern!(py, "_cdata"))?.extract()?;
+        if let Some(r) = self.refs.get(&cdata) {
+            return r.get().pid.bind(py).get_item(2)?.extract();
+        }
+        let key = self.storages.len().to_string();
+        let location = self.location(py, untyped, false)?;
+        let pid = PyTuple::new(
+            py,
+            [
+                self.storage_tag.clone_ref(py).into_any(),
+                pid_type,
+                PyString::new(py, &key).into_any().unbind(),
+                location,
+                numel.into_pyobject(py)?.into_any().unbind(),
+            ],
+        )?
+        .unbind();
+        self.refs.insert(cdata, Py::new(py, StorageRef { pid })?);
+        let nbytes: usize = untyped.call_method0(intern!(py, "nbytes"))?.extract()?;
+        self.storages.push(SeenStorage {
+            key: key.clone(),
+            untyped: untyped.clone().unbind(),
+            address,
+            nbytes,
+            on_cpu: device_type == "cpu",
+        });
+        Ok(key)
+    }
+
+    /// The protocol-2 pickle of a state dict (str keys, plain tensors, an optional
+    /// simple `_metadata`), written natively; `None` for any other object.
+    fn fast_state_dict<'py>(&mut self, obj: &Bound<'py, PyAny>) -> PyResult<Option<Bound<'py, pyo3::types::PyBytes>>> {
+        self.state_dict_pickle(obj)
+    }
+
+    /// How to write the storages, in key order: runs of CPU storages as one list of
+    /// `(record, address, nbytes)` for `ArchiveWriter.write_storages`, and each device
+    /// storage as `(record, untyped_storage)` to be staged through the CPU.
+    fn write_plan<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let plan = PyList::empty(py);
+        let mut run: Vec<(String, usize, usize)> = Vec::new();
+        for s in &self.storages {
+            let record = format!("data/{}", s.key);
+            if s.on_cpu {
+                run.push((record, s.address, s.nbytes));
+                continue;
+            }
+            if !run.is_empty() {
+                plan.append(PyList::new(py, std::mem::take(&mut run))?)?;
+            }
+            plan.append((record, s.untyped.clone_ref(py)))?;
+        }
+        if !run.is_empty() {
+            plan.append(PyList::new(py, run)?)?;
+        }
+        Ok(plan)
+    }
+}
+
+/// What `Tensor.__reduce_ex__` puts in a plain tensor's reduction, read once.
+struct PlainTensor<'py> {
+    storage: Py<StorageRef>,
+    v3: bool,
+    dtype: Bound<'py, PyAny>,
+    offset: i64,
+    size: Vec<i64>,
+    stride: Vec<i64>,
+    requires_grad: bool,
+    /// `torch._C._get_tensor_metadata`, when not empty (conj/neg bits, ...).
+    metadata: Option<Py<PyAny>>,
+}
+
+impl SaveHelper {
+    /// A plain tensor's reduction parts (registering its storage), or `None` when
+    /// `obj` is not a plain dense tensor without Python state or hooks: the
+    /// conditions of `Tensor.__reduce_ex__`'s own fast path.
+    fn plain_tensor<'py>(&mut self, obj: &Bound<'py, PyAny>) -> PyResult<Option<PlainTensor<'py>>> {
+        let py = obj.py();
         // The plain-tensor conditions of Tensor.__reduce_ex__'s fast path.
         let layout_ok = obj.getattr(intern!(py, "layout"))?.is(self.strided.bind(py));
         let on_cpu = obj.getattr(intern!(py, "is_cpu"))?.is_truthy()?;
@@ -183,7 +295,7 @@ impl SaveHelper {
             || obj.getattr(intern!(py, "_backward_hooks"))?.is_truthy()?
             || !(on_cpu || obj.getattr(intern!(py, "is_cuda"))?.is_truthy()?)
         {
-            return Ok(py.NotImplemented());
+            return Ok(None);
         }
         let dtype = obj.getattr(intern!(py, "dtype"))?;
         let untyped = obj.call_method0(intern!(py, "untyped_storage"))?;
@@ -229,86 +341,366 @@ impl SaveHelper {
                 r
             }
         };
-        let hooks = self.ordered_dict.call0(py)?;
-        let mut args: Vec<Py<PyAny>> = vec![
-            r.into_any(),
-            obj.call_method0(intern!(py, "storage_offset"))?.unbind(),
-            PyTuple::new(py, obj.call_method0(intern!(py, "size"))?.try_iter()?.collect::<PyResult<Vec<_>>>()?)?.into_any().unbind(),
-            obj.call_method0(intern!(py, "stride"))?.unbind(),
-            obj.getattr(intern!(py, "requires_grad"))?.unbind(),
-            hooks,
-        ];
-        if v3 {
-            args.push(dtype.clone().unbind());
-        }
         let metadata = self.get_metadata.call1(py, (obj,))?;
-        if metadata.bind(py).is_truthy()? {
-            args.push(metadata);
-        }
-        let func = if v3 { &self.rebuild_v3 } else { &self.rebuild_v2 };
-        Ok(PyTuple::new(py, [func.clone_ref(py), PyTuple::new(py, args)?.into_any().unbind()])?.into_any().unbind())
+        Ok(Some(PlainTensor {
+            storage: r,
+            v3,
+            dtype,
+            offset: obj.call_method0(intern!(py, "storage_offset"))?.extract()?,
+            size: obj.call_method0(intern!(py, "size"))?.extract()?,
+            stride: obj.call_method0(intern!(py, "stride"))?.extract()?,
+            requires_grad: obj.getattr(intern!(py, "requires_grad"))?.is_truthy()?,
+            metadata: if metadata.bind(py).is_truthy()? { Some(metadata) } else { None },
+        }))
     }
+}
 
-    /// Registers a storage met directly (not through a tensor) and returns its key:
-    /// the same key space as tensors' storages, so sharing is kept.
-    fn key_for(&mut self, py: Python<'_>, untyped: &Bound<'_, PyAny>, dtype: &Bound<'_, PyAny>, pid_type: Py<PyAny>, numel: usize) -> PyResult<String> {
-        let device_type = untyped.getattr(intern!(py, "device"))?.getattr(intern!(py, "type"))?;
-        let device_type: String = device_type.extract()?;
-        let address: usize = if device_type == "meta" {
-            0
+/// Protocol-2 opcodes the state-dict fast path writes.
+mod op {
+    pub const PROTO: u8 = 0x80;
+    pub const STOP: u8 = b'.';
+    pub const MARK: u8 = b'(';
+    pub const GLOBAL: u8 = b'c';
+    pub const BINPUT: u8 = b'q';
+    pub const LONG_BINPUT: u8 = b'r';
+    pub const BINGET: u8 = b'h';
+    pub const LONG_BINGET: u8 = b'j';
+    pub const BINUNICODE: u8 = b'X';
+    pub const BININT: u8 = b'J';
+    pub const BININT1: u8 = b'K';
+    pub const BININT2: u8 = b'M';
+    pub const LONG1: u8 = 0x8a;
+    pub const BINFLOAT: u8 = b'G';
+    pub const NONE: u8 = b'N';
+    pub const NEWTRUE: u8 = 0x88;
+    pub const NEWFALSE: u8 = 0x89;
+    pub const EMPTY_TUPLE: u8 = b')';
+    pub const TUPLE: u8 = b't';
+    pub const TUPLE1: u8 = 0x85;
+    pub const TUPLE2: u8 = 0x86;
+    pub const TUPLE3: u8 = 0x87;
+    pub const EMPTY_LIST: u8 = b']';
+    pub const APPENDS: u8 = b'e';
+    pub const EMPTY_DICT: u8 = b'}';
+    pub const SETITEMS: u8 = b'u';
+    pub const REDUCE: u8 = b'R';
+    pub const BUILD: u8 = b'b';
+    pub const BINPERSID: u8 = b'Q';
+}
+
+/// A small protocol-2 pickle writer: memoized globals and constants, everything else
+/// written fresh (the unpickler does not need the pickler's full memo).
+#[derive(Default)]
+struct PickleOut {
+    buf: Vec<u8>,
+    memo: HashMap<String, u32>,
+    /// Tensors already written, by object address: a repeat is fetched from the memo,
+    /// so the same object twice loads as one object (as pickle's own memo does).
+    objects: HashMap<usize, u32>,
+    next: u32,
+}
+
+/// `pickle` writes SETITEMS/APPENDS in batches of this many items.
+const BATCH: usize = 1000;
+
+impl PickleOut {
+    fn put(&mut self) -> u32 {
+        let i = self.next;
+        if i < 256 {
+            self.buf.extend_from_slice(&[op::BINPUT, i as u8]);
         } else {
-            untyped.call_method0(intern!(py, "data_ptr"))?.extract()?
-        };
-        self.check_dtype(py, address, dtype)?;
-        let cdata: usize = untyped.getattr(intern!(py, "_cdata"))?.extract()?;
-        if let Some(r) = self.refs.get(&cdata) {
-            return r.get().pid.bind(py).get_item(2)?.extract();
+            self.buf.push(op::LONG_BINPUT);
+            self.buf.extend_from_slice(&i.to_le_bytes());
         }
-        let key = self.storages.len().to_string();
-        let location = self.location(py, untyped, false)?;
-        let pid = PyTuple::new(
-            py,
-            [
-                self.storage_tag.clone_ref(py).into_any(),
-                pid_type,
-                PyString::new(py, &key).into_any().unbind(),
-                location,
-                numel.into_pyobject(py)?.into_any().unbind(),
-            ],
-        )?
-        .unbind();
-        self.refs.insert(cdata, Py::new(py, StorageRef { pid })?);
-        let nbytes: usize = untyped.call_method0(intern!(py, "nbytes"))?.extract()?;
-        self.storages.push(SeenStorage {
-            key: key.clone(),
-            untyped: untyped.clone().unbind(),
-            address,
-            nbytes,
-            on_cpu: device_type == "cpu",
+        self.next += 1;
+        i
+    }
+    fn get(&mut self, i: u32) {
+        if i < 256 {
+            self.buf.extend_from_slice(&[op::BINGET, i as u8]);
+        } else {
+            self.buf.push(op::LONG_BINGET);
+            self.buf.extend_from_slice(&i.to_le_bytes());
+        }
+    }
+    fn global(&mut self, module: &str, name: &str) {
+        let key = format!("g{module}\n{name}");
+        if let Some(&i) = self.memo.get(&key) {
+            return self.get(i);
+        }
+        self.buf.push(op::GLOBAL);
+        self.buf.extend_from_slice(module.as_bytes());
+        self.buf.push(b'\n');
+        self.buf.extend_from_slice(name.as_bytes());
+        self.buf.push(b'\n');
+        let i = self.put();
+        self.memo.insert(key, i);
+    }
+    fn string(&mut self, s: &str) {
+        self.buf.push(op::BINUNICODE);
+        self.buf.extend_from_slice(&(s.len() as u32).to_le_bytes());
+        self.buf.extend_from_slice(s.as_bytes());
+    }
+    /// A string that recurs in every tensor ('storage', 'cpu'): written once, then fetched.
+    fn constant(&mut self, s: &str) {
+        let key = format!("s{s}");
+        if let Some(&i) = self.memo.get(&key) {
+            return self.get(i);
+        }
+        self.string(s);
+        let i = self.put();
+        self.memo.insert(key, i);
+    }
+    fn int(&mut self, v: i64) {
+        if (0..256).contains(&v) {
+            self.buf.extend_from_slice(&[op::BININT1, v as u8]);
+        } else if (0..65536).contains(&v) {
+            self.buf.push(op::BININT2);
+            self.buf.extend_from_slice(&(v as u16).to_le_bytes());
+        } else if i32::try_from(v).is_ok() {
+            self.buf.push(op::BININT);
+            self.buf.extend_from_slice(&(v as i32).to_le_bytes());
+        } else {
+            // LONG1: the shortest two's-complement little-endian encoding.
+            let bytes = v.to_le_bytes();
+            let mut n = 8;
+            while n > 1 {
+                let top = bytes[n - 1];
+                let next_sign = bytes[n - 2] & 0x80;
+                if (top == 0 && next_sign == 0) || (top == 0xff && next_sign != 0) {
+                    n -= 1;
+                } else {
+                    break;
+                }
+            }
+            self.buf.extend_from_slice(&[op::LONG1, n as u8]);
+            self.buf.extend_from_slice(&bytes[..n]);
+        }
+    }
+    fn int_tuple(&mut self, items: &[i64]) {
+        match items.len() {
+            0 => return self.buf.push(op::EMPTY_TUPLE),
+            1..=3 => {}
+            _ => self.buf.push(op::MARK),
+        }
+        for &v in items {
+            self.int(v);
+        }
+        self.buf.push(match items.len() {
+            1 => op::TUPLE1,
+            2 => op::TUPLE2,
+            3 => op::TUPLE3,
+            _ => op::TUPLE,
         });
-        Ok(key)
+    }
+}
+
+impl SaveHelper {
+    /// (module, qualname) of a class or other global, as pickle would import it.
+    fn global_name(obj: &Bound<'_, PyAny>) -> PyResult<(String, String)> {
+        let py = obj.py();
+        Ok((
+            obj.getattr(intern!(py, "__module__"))?.extract()?,
+            obj.getattr(intern!(py, "__qualname__"))?.extract()?,
+        ))
     }
 
-    /// How to write the storages, in key order: runs of CPU storages as one list of
-    /// `(record, address, nbytes)` for `ArchiveWriter.write_storages`, and each device
-    /// storage as `(record, untyped_storage)` to be staged through the CPU.
-    fn write_plan<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
-        let plan = PyList::empty(py);
-        let mut run: Vec<(String, usize, usize)> = Vec::new();
-        for s in &self.storages {
-            let record = format!("data/{}", s.key);
-            if s.on_cpu {
-                run.push((record, s.address, s.nbytes));
-                continue;
-            }
-            if !run.is_empty() {
-                plan.append(PyList::new(py, std::mem::take(&mut run))?)?;
-            }
-            plan.append((record, s.untyped.clone_ref(py)))?;
+    /// Writes a plain tensor's reduction; false when `obj` is not a plain tensor.
+    fn write_tensor(&mut self, out: &mut PickleOut, obj: &Bound<'_, PyAny>) -> PyResult<bool> {
+        let py = obj.py();
+        if let Some(&i) = out.objects.get(&(obj.as_ptr() as usize)) {
+            out.get(i);
+            return Ok(true);
         }
-        if !run.is_empty() {
-            plan.append(PyList::new(py, run)?)?;
+        let Some(t) = self.plain_tensor(obj)? else { return Ok(false) };
+        if t.metadata.is_some() {
+            return Ok(false); // tensor metadata (conj/neg bits, ...): the general pickler
         }
-        Ok(plan)
+        let func = if t.v3 { &self.rebuild_v3 } else { &self.rebuild_v2 };
+        let (module, name) = Self::global_name(func.bind(py))?;
+        out.global(&module, &name);
+        out.buf.push(op::MARK);
+        // The storage as a persistent id: ('storage', type, key, location, numel).
+        let pid = t.storage.get().pid.bind(py);
+        out.buf.push(op::MARK);
+        out.constant("storage");
+        let (cm, cn) = Self::global_name(&pid.get_item(1)?)?;
+        out.global(&cm, &cn);
+        out.string(pid.get_item(2)?.extract::<&str>()?);
+        let location: String = pid.get_item(3)?.extract()?;
+        out.constant(&location);
+        out.int(pid.get_item(4)?.extract()?);
+        out.buf.push(op::TUPLE);
+        out.buf.push(op::BINPERSID);
+        out.int(t.offset);
+        out.int_tuple(&t.size);
+        out.int_tuple(&t.stride);
+        out.buf.push(if t.requires_grad { op::NEWTRUE } else { op::NEWFALSE });
+        out.global("collections", "OrderedDict");
+        out.buf.extend_from_slice(&[op::EMPTY_TUPLE, op::REDUCE]);
+        if t.v3 {
+            // A dtype pickles as the global torch.<name>.
+            let dtype: String = t.dtype.str()?.extract()?;
+            let Some(name) = dtype.strip_prefix("torch.") else { return Ok(false) };
+            out.global("torch", name);
+        }
+        out.buf.extend_from_slice(&[op::TUPLE, op::REDUCE]);
+        // The dict holds every tensor for the whole call, so addresses stay unique.
+        let i = out.put();
+        out.objects.insert(obj.as_ptr() as usize, i);
+        Ok(true)
+    }
+
+    /// Writes a simple value (None, bool, int, float, str, and lists, tuples, dicts and
+    /// OrderedDicts of those): what `_metadata` holds. False for anything else.
+    fn write_simple(&self, out: &mut PickleOut, obj: &Bound<'_, PyAny>, depth: usize) -> PyResult<bool> {
+        use pyo3::types::{PyBool, PyFloat, PyInt, PyList};
+        let py = obj.py();
+        if depth > 32 {
+            return Ok(false);
+        }
+        if obj.is_none() {
+            out.buf.push(op::NONE);
+        } else if let Ok(b) = obj.downcast_exact::<PyBool>() {
+            out.buf.push(if b.is_true() { op::NEWTRUE } else { op::NEWFALSE });
+        } else if obj.downcast_exact::<PyInt>().is_ok() {
+            let Ok(v) = obj.extract::<i64>() else { return Ok(false) };
+            out.int(v);
+        } else if let Ok(f) = obj.downcast_exact::<PyFloat>() {
+            out.buf.push(op::BINFLOAT);
+            out.buf.extend_from_slice(&f.value().to_be_bytes());
+        } else if let Ok(s) = obj.downcast_exact::<PyString>() {
+            out.string(s.to_str()?);
+        } else if let Ok(t) = obj.downcast_exact::<PyTuple>() {
+            if t.is_empty() {
+                out.buf.push(op::EMPTY_TUPLE);
+                return Ok(true);
+            }
+            out.buf.push(op::MARK);
+            for item in t.iter() {
+                if !self.write_simple(out, &item, depth + 1)? {
+                    return Ok(false);
+                }
+            }
+            out.buf.push(op::TUPLE);
+        } else if let Ok(l) = obj.downcast_exact::<PyList>() {
+            out.buf.push(op::EMPTY_LIST);
+            out.put();
+            let items: Vec<_> = l.iter().collect();
+            for chunk in items.chunks(BATCH) {
+                out.buf.push(op::MARK);
+                for item in chunk {
+                    if !self.write_simple(out, item, depth + 1)? {
+                        return Ok(false);
+                    }
+                }
+                out.buf.push(op::APPENDS);
+            }
+        } else if let Ok(d) = obj.downcast_exact::<PyDict>() {
+            out.buf.push(op::EMPTY_DICT);
+            out.put();
+            if !self.write_items(out, d, depth, &mut |this, out, v, depth| this.write_simple(out, v, depth + 1))? {
+                return Ok(false);
+            }
+        } else if obj.get_type().is(self.ordered_dict.bind(py)) {
+            let has_attrs = obj.getattr(intern!(py, "__dict__"))?.is_truthy()?;
+            if has_attrs {
+                return Ok(false);
+            }
+            out.global("collections", "OrderedDict");
+            out.buf.extend_from_slice(&[op::EMPTY_TUPLE, op::REDUCE]);
+            out.put();
+            let d = obj.downcast::<PyDict>()?;
+            if !self.write_items(out, d, depth, &mut |this, out, v, depth| this.write_simple(out, v, depth + 1))? {
+                return Ok(false);
+            }
+        } else {
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    /// Writes a mapping's items in SETITEMS batches; keys must be str.
+    fn write_items<'py>(
+        &self,
+        out: &mut PickleOut,
+        d: &Bound<'py, PyDict>,
+        depth: usize,
+        value: &mut dyn FnMut(&Self, &mut PickleOut, &Bound<'py, PyAny>, usize) -> PyResult<bool>,
+    ) -> PyResult<bool> {
+        let items: Vec<(Bound<'py, PyAny>, Bound<'py, PyAny>)> = d.iter().collect();
+        for chunk in items.chunks(BATCH) {
+            out.buf.push(op::MARK);
+            for (k, v) in chunk {
+                let Ok(k) = k.downcast_exact::<PyString>() else { return Ok(false) };
+                out.string(k.to_str()?);
+                if !value(self, out, v, depth)? {
+                    return Ok(false);
+                }
+            }
+            out.buf.push(op::SETITEMS);
+        }
+        Ok(true)
+    }
+}
+
+impl SaveHelper {
+    /// The protocol-2 pickle of a state dict — a dict or OrderedDict (with a simple
+    /// `_metadata`) mapping str to plain tensors — written natively, with the same
+    /// opcodes `pickle` produces for it. `None` when `obj` has any other shape; the
+    /// caller then runs the general pickler with this helper's hooks.
+    fn state_dict_pickle<'py>(&mut self, obj: &Bound<'py, PyAny>) -> PyResult<Option<Bound<'py, pyo3::types::PyBytes>>> {
+        let py = obj.py();
+        let is_od = obj.get_type().is(self.ordered_dict.bind(py));
+        let Ok(d) = obj.downcast::<PyDict>() else { return Ok(None) };
+        if !is_od && obj.downcast_exact::<PyDict>().is_err() {
+            return Ok(None);
+        }
+        // Everything must qualify before any storage is registered.
+        let mut state: Option<Bound<'py, PyAny>> = None;
+        if is_od {
+            let attrs = obj.getattr(intern!(py, "__dict__"))?;
+            if attrs.is_truthy()? {
+                let attrs = attrs.downcast_into::<PyDict>()?;
+                if attrs.len() != 1 || attrs.get_item("_metadata")?.is_none() {
+                    return Ok(None);
+                }
+                state = Some(attrs.into_any());
+            }
+        }
+        for (k, v) in d.iter() {
+            if k.downcast_exact::<PyString>().is_err() || !v.get_type().is(self.tensor_type.bind(py)) {
+                return Ok(None);
+            }
+        }
+        let mut out = PickleOut::default();
+        out.buf.extend_from_slice(&[op::PROTO, 2]);
+        if is_od {
+            out.global("collections", "OrderedDict");
+            out.buf.extend_from_slice(&[op::EMPTY_TUPLE, op::REDUCE]);
+        } else {
+            out.buf.push(op::EMPTY_DICT);
+        }
+        out.put();
+        let items: Vec<(Bound<'py, PyAny>, Bound<'py, PyAny>)> = d.iter().collect();
+        for chunk in items.chunks(BATCH) {
+            out.buf.push(op::MARK);
+            for (k, v) in chunk {
+                out.string(k.downcast::<PyString>()?.to_str()?);
+                if !self.write_tensor(&mut out, v)? {
+                    return Ok(None);
+                }
+            }
+            out.buf.push(op::SETITEMS);
+        }
+        if let Some(state) = state {
+            // OrderedDict.__reduce__'s state: vars(od) = {'_metadata': ...}, then BUILD.
+            if !self.write_simple(&mut out, &state, 0)? {
+                return Ok(None);
+            }
+            out.buf.push(op::BUILD);
+        }
+        out.buf.push(op::STOP);
+        Ok(Some(pyo3::types::PyBytes::new(py, &out.buf)))
     }
 }

@@ -11,10 +11,9 @@ import io
 import pickle
 from collections import OrderedDict
 
+import fastserial
 import pytest
 import torch
-
-import fastserial
 from fastserial import serialization
 
 
@@ -43,7 +42,7 @@ def _describe(obj):
     items = list(obj.items())
     ptrs = {}
     out = [type(obj).__name__, getattr(obj, "_metadata", None)]
-    for i, (k, t) in enumerate(items):
+    for k, t in items:
         ptr = t.untyped_storage().data_ptr()
         ptrs.setdefault(ptr, len(ptrs))
         same_as = next(j for j, (_, u) in enumerate(items) if u is t)

@@ -36,7 +36,10 @@ pub fn temp_path_for(target: &Path) -> PathBuf {
 impl AtomicFile {
     pub fn create(target: &Path) -> io::Result<AtomicFile> {
         let temp = temp_path_for(target);
-        let file = OpenOptions::new().write(true).create_new(true).open(&temp)?;
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&temp)?;
         // Keep the permissions of the checkpoint we replace.
         if let Ok(meta) = fs::metadata(target) {
             let _ = fs::set_permissions(&temp, meta.permissions());
@@ -66,7 +69,11 @@ impl AtomicFile {
         fs::rename(&self.temp, &self.target)?;
         if durable {
             if let Some(dir) = self.target.parent() {
-                let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
+                let dir = if dir.as_os_str().is_empty() {
+                    Path::new(".")
+                } else {
+                    dir
+                };
                 // Directory fsync makes the rename itself durable; not every filesystem
                 // supports it, and the data is already safe, so failure is not fatal.
                 if let Ok(d) = File::open(dir) {

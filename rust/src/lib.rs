@@ -14,6 +14,8 @@ pub mod storage;
 #[cfg(feature = "python")]
 mod python;
 
-pub use container::reader::{Archive, Compression, FileSource, MemorySource, ReadJob, Record, Source};
+pub use container::reader::{
+    Archive, Compression, FileSource, MemorySource, ReadJob, Record, Source,
+};
 pub use container::writer::ArchiveWriter;
 pub use error::{Error, Result};

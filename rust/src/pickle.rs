@@ -130,7 +130,9 @@ pub fn scan(data: &[u8]) -> Result<PickleScan> {
     macro_rules! push {
         ($v:expr) => {{
             if stack.len() >= MAX_STACK {
-                return Err(Error::LimitExceeded("pickle stack deeper than 2**24".into()));
+                return Err(Error::LimitExceeded(
+                    "pickle stack deeper than 2**24".into(),
+                ));
             }
             stack.push($v)
         }};
@@ -143,7 +145,9 @@ pub fn scan(data: &[u8]) -> Result<PickleScan> {
 
     loop {
         let op_pos = s.pos;
-        let op = s.u8().map_err(|_| s.err("pickle ends without a STOP opcode"))?;
+        let op = s
+            .u8()
+            .map_err(|_| s.err("pickle ends without a STOP opcode"))?;
         match op {
             b'.' => {
                 out.end = s.pos;
@@ -217,7 +221,11 @@ pub fn scan(data: &[u8]) -> Result<PickleScan> {
                 let end = s.pos - 1;
                 let start = end - l.len();
                 let quoted = l.len() >= 2 && (l[0] == b'\'' || l[0] == b'"');
-                push!(if quoted { Val::Str(start + 1, end - 1) } else { Val::Str(start, end) })
+                push!(if quoted {
+                    Val::Str(start + 1, end - 1)
+                } else {
+                    Val::Str(start, end)
+                })
             }
             b'V' => {
                 let l = s.line()?;
@@ -369,7 +377,7 @@ pub fn scan(data: &[u8]) -> Result<PickleScan> {
                     return Err(s.err(format!("FRAME of {n} bytes runs past the end")));
                 }
             }
-            0x82 | 0x83 | 0x84 => {
+            0x82..=0x84 => {
                 let w = match op {
                     0x82 => 1,
                     0x83 => 2,
@@ -416,7 +424,10 @@ mod tests {
         let p = b"\x80\x02ccollections\nOrderedDict\nq\x00)Rq\x01.";
         let s = scan(p).unwrap();
         assert_eq!(s.protocol, 2);
-        assert_eq!(s.globals, vec![("collections".into(), "OrderedDict".into())]);
+        assert_eq!(
+            s.globals,
+            vec![("collections".into(), "OrderedDict".into())]
+        );
     }
 
     #[test]

@@ -140,25 +140,6 @@ impl Drop for AlignedBuffer {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn aligned_buffer_is_aligned_and_zeroed() {
-        for n in [0usize, 1, 63, 64, 4097] {
-            let mut b = AlignedBuffer::zeroed(n).unwrap();
-            assert_eq!(b.len(), n);
-            assert!(b.as_slice().iter().all(|&x| x == 0));
-            if n > 0 {
-                assert_eq!(b.as_mut_ptr() as usize % ALIGN, 0);
-                b.as_mut_slice()[n - 1] = 7;
-                assert_eq!(b.as_slice()[n - 1], 7);
-            }
-        }
-    }
-}
-
 /// Faults in `buf`'s pages for writing with one `madvise(MADV_POPULATE_WRITE)`
 /// (Linux 5.14+) instead of one page fault per 4 KiB during the copy: a fresh 1 GiB
 /// load spends about half as long in the kernel. Each reader thread prefaults its own
@@ -181,5 +162,24 @@ pub fn prefault_for_write(buf: &mut [u8]) {
     // (fresh pages read as zero, existing pages keep their bytes).
     unsafe {
         libc::madvise(start as *mut libc::c_void, end - start, MADV_POPULATE_WRITE);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aligned_buffer_is_aligned_and_zeroed() {
+        for n in [0usize, 1, 63, 64, 4097] {
+            let mut b = AlignedBuffer::zeroed(n).unwrap();
+            assert_eq!(b.len(), n);
+            assert!(b.as_slice().iter().all(|&x| x == 0));
+            if n > 0 {
+                assert_eq!(b.as_mut_ptr() as usize % ALIGN, 0);
+                b.as_mut_slice()[n - 1] = 7;
+                assert_eq!(b.as_slice()[n - 1], 7);
+            }
+        }
     }
 }

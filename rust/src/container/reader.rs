@@ -276,16 +276,22 @@ impl Archive {
         let mut records = Vec::with_capacity(entries as usize);
         let mut pos = 0usize;
         for i in 0..entries {
-            let head = cd.get(pos..pos + CENTRAL_DIRECTORY_HEADER_SIZE).ok_or_else(|| {
-                malformed(format!("central directory entry {i} runs past the directory"))
-            })?;
+            let head = cd
+                .get(pos..pos + CENTRAL_DIRECTORY_HEADER_SIZE)
+                .ok_or_else(|| {
+                    malformed(format!(
+                        "central directory entry {i} runs past the directory"
+                    ))
+                })?;
             let h = CentralHeader::parse(head).ok_or_else(|| {
                 malformed(format!("central directory entry {i} has a bad signature"))
             })?;
             pos += CENTRAL_DIRECTORY_HEADER_SIZE;
             let var_len = h.name_len as usize + h.extra_len as usize + h.comment_len as usize;
             let var = cd.get(pos..pos + var_len).ok_or_else(|| {
-                malformed(format!("central directory entry {i} runs past the directory"))
+                malformed(format!(
+                    "central directory entry {i} runs past the directory"
+                ))
             })?;
             pos += var_len;
             let name = String::from_utf8_lossy(&var[..h.name_len as usize]).into_owned();
@@ -300,12 +306,12 @@ impl Archive {
             let compression = match h.method {
                 METHOD_STORED => Compression::Stored,
                 METHOD_DEFLATED => Compression::Deflated,
-                m => {
-                    return Err(Error::bad_record(
-                        &name,
-                        format!("unsupported compression method {m} (only stored and deflate are readable)"),
-                    ))
-                }
+                m => return Err(Error::bad_record(
+                    &name,
+                    format!(
+                        "unsupported compression method {m} (only stored and deflate are readable)"
+                    ),
+                )),
             };
             if compression == Compression::Stored && csize != size {
                 return Err(Error::bad_record(
@@ -438,7 +444,11 @@ impl Archive {
         if dst.len() as u64 != rec.size {
             return Err(Error::bad_record(
                 &rec.name,
-                format!("record holds {} bytes but {} were expected", rec.size, dst.len()),
+                format!(
+                    "record holds {} bytes but {} were expected",
+                    rec.size,
+                    dst.len()
+                ),
             ));
         }
         match rec.compression {
@@ -470,9 +480,8 @@ impl Archive {
             )?),
         };
         let mut dec = flate2::read::DeflateDecoder::new(&compressed[..]);
-        dec.read_exact(dst).map_err(|e| {
-            Error::bad_record(&rec.name, format!("deflate data is corrupted: {e}"))
-        })?;
+        dec.read_exact(dst)
+            .map_err(|e| Error::bad_record(&rec.name, format!("deflate data is corrupted: {e}")))?;
         let mut probe = [0u8; 1];
         if dec.read(&mut probe).unwrap_or(0) != 0 {
             return Err(Error::bad_record(
@@ -532,11 +541,14 @@ impl Archive {
         }
         let threads = threads.max(1).min(pieces.len().max(1));
         if threads <= 1 {
-            return pieces.into_iter().try_for_each(|p| self.read_piece(p, verify_crc));
+            return pieces
+                .into_iter()
+                .try_for_each(|p| self.read_piece(p, verify_crc));
         }
         // Greedy balance by bytes: biggest piece to the least-loaded thread.
         pieces.sort_by_key(|p| std::cmp::Reverse(p.dst.len()));
-        let mut lanes: Vec<(usize, Vec<Piece<'_>>)> = (0..threads).map(|_| (0, Vec::new())).collect();
+        let mut lanes: Vec<(usize, Vec<Piece<'_>>)> =
+            (0..threads).map(|_| (0, Vec::new())).collect();
         for p in pieces {
             let lane = lanes.iter_mut().min_by_key(|l| l.0).expect("threads >= 1");
             lane.0 += p.dst.len();
@@ -546,12 +558,18 @@ impl Archive {
             let handles: Vec<_> = lanes
                 .into_iter()
                 .map(|(_, lane)| {
-                    s.spawn(move || lane.into_iter().try_for_each(|p| self.read_piece(p, verify_crc)))
+                    s.spawn(move || {
+                        lane.into_iter()
+                            .try_for_each(|p| self.read_piece(p, verify_crc))
+                    })
                 })
                 .collect();
             handles
                 .into_iter()
-                .map(|h| h.join().unwrap_or_else(|_| Err(Error::Usage("reader thread panicked".into()))))
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(Error::Usage("reader thread panicked".into())))
+                })
                 .collect::<Result<Vec<()>>>()
                 .map(|_| ())
         })
@@ -567,8 +585,7 @@ impl Archive {
                 .map_err(|e| Error::io(format!("reading record '{}'", p.record.name), e))?;
         }
         if p.swap > 1 {
-            byteswap_in_place(p.dst, p.swap)
-                .map_err(|m| Error::bad_record(&p.record.name, m))?;
+            byteswap_in_place(p.dst, p.swap).map_err(|m| Error::bad_record(&p.record.name, m))?;
         }
         Ok(())
     }
@@ -649,15 +666,21 @@ fn resolve_data_offsets(source: &dyn Source, records: &mut [Record], cd_offset: 
         if fixed_end.is_none_or(|e| e > cd_offset) {
             return Err(Error::bad_record(
                 &rec.name,
-                format!("local header offset {h} lies outside the record area; the file is corrupted"),
+                format!(
+                    "local header offset {h} lies outside the record area; the file is corrupted"
+                ),
             ));
         }
-        let header_bytes = |start: u64, n: usize, window: &mut Vec<u8>, window_start: &mut u64| -> Result<Vec<u8>> {
+        let header_bytes = |start: u64,
+                            n: usize,
+                            window: &mut Vec<u8>,
+                            window_start: &mut u64|
+         -> Result<Vec<u8>> {
             if let Some(m) = mem {
                 return Ok(m[start as usize..start as usize + n].to_vec());
             }
-            let in_window = start >= *window_start
-                && start + n as u64 <= *window_start + window.len() as u64;
+            let in_window =
+                start >= *window_start && start + n as u64 <= *window_start + window.len() as u64;
             if !in_window {
                 let want = (HEADER_WINDOW as u64).max(n as u64).min(cd_offset - start) as usize;
                 *window = read_vec(source, start, want, "local header")?;
@@ -680,7 +703,10 @@ fn resolve_data_offsets(source: &dyn Source, records: &mut [Record], cd_offset: 
         let data_offset = h + LOCAL_FILE_HEADER_SIZE as u64 + name_len + extra_len;
         let name_end = h + LOCAL_FILE_HEADER_SIZE as u64 + name_len;
         if name_end > cd_offset {
-            return Err(Error::bad_record(&rec.name, "local header runs past the record area"));
+            return Err(Error::bad_record(
+                &rec.name,
+                "local header runs past the record area",
+            ));
         }
         let local_name = header_bytes(
             h + LOCAL_FILE_HEADER_SIZE as u64,

@@ -133,7 +133,13 @@ impl<W: Write> ArchiveWriter<W> {
                 extra.put_u16(body.len() as u16);
                 extra.extend_from_slice(&body);
             }
-            let clamp = |v: u64| if v >= U32_SENTINEL as u64 { U32_SENTINEL } else { v as u32 };
+            let clamp = |v: u64| {
+                if v >= U32_SENTINEL as u64 {
+                    U32_SENTINEL
+                } else {
+                    v as u32
+                }
+            };
             let size32 = clamp(r.size);
             cd.put_u32(CENTRAL_DIRECTORY_HEADER_SIGNATURE);
             cd.put_u16(0); // version made by (as torch writes)

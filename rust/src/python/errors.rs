@@ -38,9 +38,15 @@ impl From<FileError<'_>> for PyErr {
                 // OSError(errno, message) sets .errno, so callers can test for ENOSPC.
                 match (source.kind(), source.raw_os_error()) {
                     (ErrorKind::NotFound, Some(code)) => PyFileNotFoundError::new_err((code, msg)),
-                    (ErrorKind::PermissionDenied, Some(code)) => PyPermissionError::new_err((code, msg)),
-                    (ErrorKind::AlreadyExists, Some(code)) => PyFileExistsError::new_err((code, msg)),
-                    (ErrorKind::IsADirectory, Some(code)) => PyIsADirectoryError::new_err((code, msg)),
+                    (ErrorKind::PermissionDenied, Some(code)) => {
+                        PyPermissionError::new_err((code, msg))
+                    }
+                    (ErrorKind::AlreadyExists, Some(code)) => {
+                        PyFileExistsError::new_err((code, msg))
+                    }
+                    (ErrorKind::IsADirectory, Some(code)) => {
+                        PyIsADirectoryError::new_err((code, msg))
+                    }
                     (_, Some(code)) => PyOSError::new_err((code, msg)),
                     (ErrorKind::NotFound, None) => PyFileNotFoundError::new_err(msg),
                     (ErrorKind::IsADirectory, None) => PyIsADirectoryError::new_err(msg),

@@ -100,7 +100,12 @@ fn is_dense(size: &[i64], stride: &[i64], numel: i64) -> bool {
     if size.len() == 1 {
         return size[0] == numel && (stride[0] == 1 || numel <= 1);
     }
-    let mut dims: Vec<(i64, i64)> = size.iter().copied().zip(stride.iter().copied()).filter(|d| d.0 != 1).collect();
+    let mut dims: Vec<(i64, i64)> = size
+        .iter()
+        .copied()
+        .zip(stride.iter().copied())
+        .filter(|d| d.0 != 1)
+        .collect();
     dims.sort_by_key(|d| d.1);
     let mut expected = 1i64;
     for (n, s) in dims {
@@ -122,19 +127,30 @@ impl TensorFactory {
     }
 
     /// The untyped storage behind a pending storage, creating it when needed.
-    fn storage_of(&mut self, py: Python<'_>, pending: &Bound<'_, PendingStorage>) -> PyResult<Py<PyAny>> {
+    fn storage_of(
+        &mut self,
+        py: Python<'_>,
+        pending: &Bound<'_, PendingStorage>,
+    ) -> PyResult<Py<PyAny>> {
         let mut p = pending.borrow_mut();
         if let Some(s) = &p.storage {
             return Ok(s.clone_ref(py));
         }
         if let Some(first) = &p.first {
-            let s = first.bind(py).call_method0(intern!(py, "untyped_storage"))?.unbind();
+            let s = first
+                .bind(py)
+                .call_method0(intern!(py, "untyped_storage"))?
+                .unbind();
             p.storage = Some(s.clone_ref(py));
             return Ok(s);
         }
         let s = if self.mapping.is_some() {
             let name = self.record_name(py, p.record);
-            let rel = name.split_once('/').map(|x| x.1).unwrap_or(&name).to_string();
+            let rel = name
+                .split_once('/')
+                .map(|x| x.1)
+                .unwrap_or(&name)
+                .to_string();
             self.py_mapped_storage.call1(py, (rel, p.nbytes, p.swap))?
         } else {
             let s = self.torch.untyped_storage.call1(py, (p.nbytes,))?;
@@ -174,24 +190,39 @@ impl TensorFactory {
         self.consumed += 1;
         let (record, nbytes, swap_pending, has_storage) = {
             let p = pending.borrow();
-            (p.record, p.nbytes, p.swap, p.storage.is_some() || p.first.is_some())
+            (
+                p.record,
+                p.nbytes,
+                p.swap,
+                p.storage.is_some() || p.first.is_some(),
+            )
         };
         let (itemsize, swap_size) = self.sizes_of(py, dtype)?;
-        let (Some(size), Some(stride), Ok(off)) = (int_list(size_obj), int_list(stride_obj), offset.extract::<i64>()) else {
-            return Err(self.view_error(py, record, format!(
-                "invalid tensor view (offset {offset}, size {size_obj}, stride {stride_obj})"
-            )));
+        let (Some(size), Some(stride), Ok(off)) = (
+            int_list(size_obj),
+            int_list(stride_obj),
+            offset.extract::<i64>(),
+        ) else {
+            return Err(self.view_error(
+                py,
+                record,
+                format!(
+                    "invalid tensor view (offset {offset}, size {size_obj}, stride {stride_obj})"
+                ),
+            ));
         };
-        if size.len() != stride.len() || off < 0 || size.iter().chain(stride.iter()).any(|&v| v < 0) {
-            return Err(self.view_error(py, record, format!(
-                "invalid tensor view (offset {off}, size {size:?}, stride {stride:?})"
-            )));
+        if size.len() != stride.len() || off < 0 || size.iter().chain(stride.iter()).any(|&v| v < 0)
+        {
+            return Err(self.view_error(
+                py,
+                record,
+                format!("invalid tensor view (offset {off}, size {size:?}, stride {stride:?})"),
+            ));
         }
         if !size.contains(&0) {
-            let extent = size
-                .iter()
-                .zip(&stride)
-                .try_fold(off, |acc, (&n, &s)| acc.checked_add((n - 1).checked_mul(s)?));
+            let extent = size.iter().zip(&stride).try_fold(off, |acc, (&n, &s)| {
+                acc.checked_add((n - 1).checked_mul(s)?)
+            });
             let fits = extent
                 .and_then(|e| e.checked_add(1))
                 .and_then(|e| e.checked_mul(itemsize as i64))
@@ -206,7 +237,10 @@ impl TensorFactory {
         let swap = if self.swap { swap_size } else { 0 };
         let _ = swap_pending;
         let numel = (nbytes / itemsize.max(1)) as i64;
-        let dense = off == 0 && numel as usize * itemsize == nbytes && nbytes > 0 && is_dense(&size, &stride, numel);
+        let dense = off == 0
+            && numel as usize * itemsize == nbytes
+            && nbytes > 0
+            && is_dense(&size, &stride, numel);
         if !has_storage && dense {
             let kwargs = PyDict::new(py);
             kwargs.set_item(intern!(py, "dtype"), dtype)?;
@@ -215,11 +249,16 @@ impl TensorFactory {
                 let rec = &archive.archive.records()[record];
                 // Zero-copy only for records on torch's 64-byte alignment: anything else
                 // (archives re-zipped without padding) is copied to aligned memory.
-                let plain = rec.compression == Compression::Stored && swap <= 1 && rec.data_offset % 64 == 0;
+                let plain = rec.compression == Compression::Stored
+                    && swap <= 1
+                    && rec.data_offset % 64 == 0;
                 if plain {
                     kwargs.set_item(intern!(py, "count"), numel)?;
                     kwargs.set_item(intern!(py, "offset"), rec.data_offset)?;
-                    let t = self.torch.frombuffer.call(py, (mapping.clone_ref(py),), Some(&kwargs))?;
+                    let t =
+                        self.torch
+                            .frombuffer
+                            .call(py, (mapping.clone_ref(py),), Some(&kwargs))?;
                     if size.len() != 1 || size[0] != numel || stride[0] != 1 {
                         t.call_method1(py, intern!(py, "as_strided_"), (size_obj, stride_obj, 0))?;
                     }
@@ -227,7 +266,10 @@ impl TensorFactory {
                     return Ok(t);
                 }
             } else {
-                let t = self.torch.empty_strided.call(py, (size_obj, stride_obj), Some(&kwargs))?;
+                let t = self
+                    .torch
+                    .empty_strided
+                    .call(py, (size_obj, stride_obj), Some(&kwargs))?;
                 let ptr: usize = t.call_method0(py, intern!(py, "data_ptr"))?.extract(py)?;
                 self.jobs.push((record, ptr, nbytes, swap));
                 self.keepalive.push(t.clone_ref(py));
@@ -243,7 +285,11 @@ impl TensorFactory {
         let kwargs = PyDict::new(py);
         kwargs.set_item(intern!(py, "dtype"), dtype)?;
         let t = self.torch.empty.call(py, ((0,),), Some(&kwargs))?;
-        t.call_method1(py, intern!(py, "set_"), (storage, offset, size_obj, stride_obj))
+        t.call_method1(
+            py,
+            intern!(py, "set_"),
+            (storage, offset, size_obj, stride_obj),
+        )
     }
 
     fn finish_tensor(
@@ -259,7 +305,9 @@ impl TensorFactory {
         }
         if let Some(m) = metadata {
             if m.is_truthy()? {
-                self.torch.set_tensor_metadata.call1(py, (t.clone_ref(py), m))?;
+                self.torch
+                    .set_tensor_metadata
+                    .call1(py, (t.clone_ref(py), m))?;
             }
         }
         if !hooks.is_none() && hooks.is_truthy()? {
@@ -296,7 +344,9 @@ impl TensorFactory {
             let plen = a.archive.prefix().len() + 1;
             for (i, r) in a.archive.records().iter().enumerate() {
                 if let Some(key) = r.name.get(plen..).and_then(|n| n.strip_prefix("data/")) {
-                    if r.name.as_bytes().get(plen - 1) == Some(&b'/') && r.name.starts_with(a.archive.prefix()) {
+                    if r.name.as_bytes().get(plen - 1) == Some(&b'/')
+                        && r.name.starts_with(a.archive.prefix())
+                    {
                         records.insert(key.to_string(), (i, r.size));
                     }
                 }
@@ -339,7 +389,11 @@ impl TensorFactory {
         (self.produced, self.consumed)
     }
 
-    fn persistent_load(&mut self, py: Python<'_>, saved_id: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
+    fn persistent_load(
+        &mut self,
+        py: Python<'_>,
+        saved_id: &Bound<'_, PyAny>,
+    ) -> PyResult<Py<PyAny>> {
         if let Some(pending) = self.try_pending(py, saved_id)? {
             return Ok(pending);
         }
@@ -360,7 +414,14 @@ impl TensorFactory {
         metadata: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Py<PyAny>> {
         let Ok(pending) = storage.downcast::<PendingStorage>() else {
-            let mut items = vec![storage.clone(), storage_offset.clone(), size.clone(), stride.clone(), requires_grad.clone(), backward_hooks.clone()];
+            let mut items = vec![
+                storage.clone(),
+                storage_offset.clone(),
+                size.clone(),
+                stride.clone(),
+                requires_grad.clone(),
+                backward_hooks.clone(),
+            ];
             if let Some(m) = metadata {
                 items.push(m.clone());
             }
@@ -388,7 +449,15 @@ impl TensorFactory {
         let pending = match storage.downcast::<PendingStorage>() {
             Ok(p) if self.sizes.bind(py).contains(dtype)? => p,
             _ => {
-                let mut items = vec![storage.clone(), storage_offset.clone(), size.clone(), stride.clone(), requires_grad.clone(), backward_hooks.clone(), dtype.clone()];
+                let mut items = vec![
+                    storage.clone(),
+                    storage_offset.clone(),
+                    size.clone(),
+                    stride.clone(),
+                    requires_grad.clone(),
+                    backward_hooks.clone(),
+                    dtype.clone(),
+                ];
                 if let Some(m) = metadata {
                     items.push(m.clone());
                 }
@@ -427,8 +496,14 @@ impl TensorFactory {
 
 impl TensorFactory {
     /// The fast path of persistent_load; `None` hands the id to the Python loader.
-    fn try_pending(&mut self, py: Python<'_>, saved_id: &Bound<'_, PyAny>) -> PyResult<Option<Py<PyAny>>> {
-        let Ok(t) = saved_id.downcast::<PyTuple>() else { return Ok(None) };
+    fn try_pending(
+        &mut self,
+        py: Python<'_>,
+        saved_id: &Bound<'_, PyAny>,
+    ) -> PyResult<Option<Py<PyAny>>> {
+        let Ok(t) = saved_id.downcast::<PyTuple>() else {
+            return Ok(None);
+        };
         if t.len() != 5 {
             return Ok(None);
         }
@@ -444,7 +519,9 @@ impl TensorFactory {
             return Ok(None);
         }
         let key_obj = t.get_item(2)?;
-        let Ok(key) = key_obj.downcast::<PyString>() else { return Ok(None) };
+        let Ok(key) = key_obj.downcast::<PyString>() else {
+            return Ok(None);
+        };
         let key = key.to_str()?;
         if let Some(slot) = self.slots.get(key) {
             if slot.bind(py).is_instance_of::<PendingStorage>() {
@@ -455,8 +532,14 @@ impl TensorFactory {
         }
         let location = t.get_item(3)?;
         let on_cpu = self.all_cpu
-            || location.downcast::<PyString>().map(|s| s.to_str().map(|l| l == "cpu").unwrap_or(false)).unwrap_or(false)
-            || location.downcast::<PyBytes>().map(|b| b.as_bytes() == b"cpu").unwrap_or(false);
+            || location
+                .downcast::<PyString>()
+                .map(|s| s.to_str().map(|l| l == "cpu").unwrap_or(false))
+                .unwrap_or(false)
+            || location
+                .downcast::<PyBytes>()
+                .map(|b| b.as_bytes() == b"cpu")
+                .unwrap_or(false);
         if !on_cpu {
             return Ok(None);
         }
@@ -469,8 +552,12 @@ impl TensorFactory {
                 _ => return Ok(None),
             }
         };
-        let Ok(numel) = t.get_item(4)?.extract::<u64>() else { return Ok(None) };
-        let Some(&(record, size)) = self.records.get(key) else { return Ok(None) };
+        let Ok(numel) = t.get_item(4)?.extract::<u64>() else {
+            return Ok(None);
+        };
+        let Some(&(record, size)) = self.records.get(key) else {
+            return Ok(None);
+        };
         let (itemsize, swap_size) = self.sizes_of(py, dtype.bind(py))?;
         if numel.checked_mul(itemsize as u64) != Some(size) {
             return Ok(None); // the Python loader raises the precise error

@@ -21,7 +21,9 @@ static NUM_THREADS: AtomicUsize = AtomicUsize::new(0);
 /// I/O threads used by bulk reads (default: the cores available).
 pub(crate) fn num_threads() -> usize {
     match NUM_THREADS.load(Ordering::Relaxed) {
-        0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        0 => std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
         n => n,
     }
 }
@@ -34,7 +36,9 @@ fn get_num_threads() -> usize {
 #[pyfunction]
 fn set_num_threads(n: usize) -> PyResult<()> {
     if n == 0 {
-        return Err(PyValueError::new_err("the number of threads must be at least 1"));
+        return Err(PyValueError::new_err(
+            "the number of threads must be at least 1",
+        ));
     }
     NUM_THREADS.store(n, Ordering::Relaxed);
     Ok(())
@@ -58,7 +62,12 @@ fn scan_pickle<'py>(py: Python<'py>, data: &[u8], file: &str) -> PyResult<Bound<
 /// Swaps the byte order of `nbytes` bytes at `address` in place, by `elem_size`-byte
 /// elements. Private API: the memory must be writable and alive during the call.
 #[pyfunction]
-fn byteswap_address(py: Python<'_>, address: usize, nbytes: usize, elem_size: usize) -> PyResult<()> {
+fn byteswap_address(
+    py: Python<'_>,
+    address: usize,
+    nbytes: usize,
+    elem_size: usize,
+) -> PyResult<()> {
     if nbytes == 0 || elem_size <= 1 {
         return Ok(());
     }
@@ -86,7 +95,10 @@ fn crc32(py: Python<'_>, data: pyo3::buffer::PyBuffer<u8>) -> PyResult<u32> {
 
 #[pymodule]
 fn _fastserial(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    m.add("CheckpointError", m.py().get_type::<errors::CheckpointError>())?;
+    m.add(
+        "CheckpointError",
+        m.py().get_type::<errors::CheckpointError>(),
+    )?;
     m.add("TEMP_MARKER", crate::atomic::TEMP_MARKER)?;
     m.add_class::<reader::PyArchive>()?;
     m.add_class::<writer::PyArchiveWriter>()?;

@@ -71,7 +71,12 @@ pub struct SaveHelper {
 impl SaveHelper {
     /// Records `dtype` as the type viewing the data at `ptr`; two types viewing the same
     /// data cannot be saved (torch refuses the same way).
-    fn check_dtype(&mut self, py: Python<'_>, ptr: usize, dtype: &Bound<'_, PyAny>) -> PyResult<()> {
+    fn check_dtype(
+        &mut self,
+        py: Python<'_>,
+        ptr: usize,
+        dtype: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
         if ptr == 0 {
             return Ok(());
         }
@@ -88,7 +93,12 @@ impl SaveHelper {
     }
 
     /// The storage's location tag; `on_cpu` when the caller already knows it is 'cpu'.
-    fn location(&self, py: Python<'_>, untyped: &Bound<'_, PyAny>, on_cpu: bool) -> PyResult<Py<PyAny>> {
+    fn location(
+        &self,
+        py: Python<'_>,
+        untyped: &Bound<'_, PyAny>,
+        on_cpu: bool,
+    ) -> PyResult<Py<PyAny>> {
         if on_cpu && self.cpu_shortcut {
             return Ok(self.cpu_tag.clone_ref(py).into_any());
         }
@@ -100,7 +110,11 @@ impl SaveHelper {
 impl SaveHelper {
     #[new]
     #[pyo3(signature = (torch_objs, fallbacks, cpu_shortcut=true))]
-    fn new(torch_objs: &Bound<'_, PyDict>, fallbacks: &Bound<'_, PyDict>, cpu_shortcut: bool) -> PyResult<Self> {
+    fn new(
+        torch_objs: &Bound<'_, PyDict>,
+        fallbacks: &Bound<'_, PyDict>,
+        cpu_shortcut: bool,
+    ) -> PyResult<Self> {
         let py = torch_objs.py();
         let get = |d: &Bound<'_, PyDict>, k: &str| -> PyResult<Py<PyAny>> {
             d.get_item(k)?
@@ -166,7 +180,15 @@ impl SaveHelper {
                 Err(_) => true,
             };
             if empty && plain {
-                return Ok(PyTuple::new(py, [self.ordered_dict.clone_ref(py), self.empty_tuple.clone_ref(py).into_any()])?.into_any().unbind());
+                return Ok(PyTuple::new(
+                    py,
+                    [
+                        self.ordered_dict.clone_ref(py),
+                        self.empty_tuple.clone_ref(py).into_any(),
+                    ],
+                )?
+                .into_any()
+                .unbind());
             }
             return Ok(py.NotImplemented());
         }
@@ -183,7 +205,10 @@ impl SaveHelper {
             t.offset.into_pyobject(py)?.into_any().unbind(),
             size.into_any().unbind(),
             stride.into_any().unbind(),
-            PyBool::new(py, t.requires_grad).to_owned().into_any().unbind(),
+            PyBool::new(py, t.requires_grad)
+                .to_owned()
+                .into_any()
+                .unbind(),
             self.ordered_dict.call0(py)?,
         ];
         if t.v3 {
@@ -192,14 +217,35 @@ impl SaveHelper {
         if let Some(metadata) = t.metadata {
             args.push(metadata);
         }
-        let func = if t.v3 { &self.rebuild_v3 } else { &self.rebuild_v2 };
-        Ok(PyTuple::new(py, [func.clone_ref(py), PyTuple::new(py, args)?.into_any().unbind()])?.into_any().unbind())
+        let func = if t.v3 {
+            &self.rebuild_v3
+        } else {
+            &self.rebuild_v2
+        };
+        Ok(PyTuple::new(
+            py,
+            [
+                func.clone_ref(py),
+                PyTuple::new(py, args)?.into_any().unbind(),
+            ],
+        )?
+        .into_any()
+        .unbind())
     }
 
     /// Registers a storage met directly (not through a tensor) and returns its key:
     /// the same key space as tensors' storages, so sharing is kept.
-    fn key_for(&mut self, py: Python<'_>, untyped: &Bound<'_, PyAny>, dtype: &Bound<'_, PyAny>, pid_type: Py<PyAny>, numel: usize) -> PyResult<String> {
-        let device_type = untyped.getattr(intern!(py, "device"))?.getattr(intern!(py, "type"))?;
+    fn key_for(
+        &mut self,
+        py: Python<'_>,
+        untyped: &Bound<'_, PyAny>,
+        dtype: &Bound<'_, PyAny>,
+        pid_type: Py<PyAny>,
+        numel: usize,
+    ) -> PyResult<String> {
+        let device_type = untyped
+            .getattr(intern!(py, "device"))?
+            .getattr(intern!(py, "type"))?;
         let device_type: String = device_type.extract()?;
         let address: usize = if device_type == "meta" {
             0
@@ -238,7 +284,10 @@ impl SaveHelper {
 
     /// The protocol-2 pickle of a state dict (str keys, plain tensors, an optional
     /// simple `_metadata`), written natively; `None` for any other object.
-    fn fast_state_dict<'py>(&mut self, obj: &Bound<'py, PyAny>) -> PyResult<Option<Bound<'py, pyo3::types::PyBytes>>> {
+    fn fast_state_dict<'py>(
+        &mut self,
+        obj: &Bound<'py, PyAny>,
+    ) -> PyResult<Option<Bound<'py, pyo3::types::PyBytes>>> {
         self.state_dict_pickle(obj)
     }
 
@@ -286,7 +335,9 @@ impl SaveHelper {
     fn plain_tensor<'py>(&mut self, obj: &Bound<'py, PyAny>) -> PyResult<Option<PlainTensor<'py>>> {
         let py = obj.py();
         // The plain-tensor conditions of Tensor.__reduce_ex__'s fast path.
-        let layout_ok = obj.getattr(intern!(py, "layout"))?.is(self.strided.bind(py));
+        let layout_ok = obj
+            .getattr(intern!(py, "layout"))?
+            .is(self.strided.bind(py));
         let on_cpu = obj.getattr(intern!(py, "is_cpu"))?.is_truthy()?;
         if !layout_ok
             || obj.getattr(intern!(py, "is_quantized"))?.is_truthy()?
@@ -312,7 +363,13 @@ impl SaveHelper {
                 let nbytes: usize = untyped.call_method0(intern!(py, "nbytes"))?.extract()?;
                 let (cls, numel) = match &storage_class {
                     Some(cls) => {
-                        let size: usize = self.itemsize.bind(py).get_item(&dtype)?.map(|v| v.extract()).transpose()?.unwrap_or(1);
+                        let size: usize = self
+                            .itemsize
+                            .bind(py)
+                            .get_item(&dtype)?
+                            .map(|v| v.extract())
+                            .transpose()?
+                            .unwrap_or(1);
                         (cls.clone().unbind(), nbytes / size.max(1))
                     }
                     None => (self.untyped_cls.clone_ref(py), nbytes),
@@ -350,7 +407,11 @@ impl SaveHelper {
             size: obj.call_method0(intern!(py, "size"))?.extract()?,
             stride: obj.call_method0(intern!(py, "stride"))?.extract()?,
             requires_grad: obj.getattr(intern!(py, "requires_grad"))?.is_truthy()?,
-            metadata: if metadata.bind(py).is_truthy()? { Some(metadata) } else { None },
+            metadata: if metadata.bind(py).is_truthy()? {
+                Some(metadata)
+            } else {
+                None
+            },
         }))
     }
 }
@@ -512,11 +573,17 @@ impl SaveHelper {
             out.get(i);
             return Ok(true);
         }
-        let Some(t) = self.plain_tensor(obj)? else { return Ok(false) };
+        let Some(t) = self.plain_tensor(obj)? else {
+            return Ok(false);
+        };
         if t.metadata.is_some() {
             return Ok(false); // tensor metadata (conj/neg bits, ...): the general pickler
         }
-        let func = if t.v3 { &self.rebuild_v3 } else { &self.rebuild_v2 };
+        let func = if t.v3 {
+            &self.rebuild_v3
+        } else {
+            &self.rebuild_v2
+        };
         let (module, name) = Self::global_name(func.bind(py))?;
         out.global(&module, &name);
         out.buf.push(op::MARK);
@@ -535,13 +602,19 @@ impl SaveHelper {
         out.int(t.offset);
         out.int_tuple(&t.size);
         out.int_tuple(&t.stride);
-        out.buf.push(if t.requires_grad { op::NEWTRUE } else { op::NEWFALSE });
+        out.buf.push(if t.requires_grad {
+            op::NEWTRUE
+        } else {
+            op::NEWFALSE
+        });
         out.global("collections", "OrderedDict");
         out.buf.extend_from_slice(&[op::EMPTY_TUPLE, op::REDUCE]);
         if t.v3 {
             // A dtype pickles as the global torch.<name>.
             let dtype: String = t.dtype.str()?.extract()?;
-            let Some(name) = dtype.strip_prefix("torch.") else { return Ok(false) };
+            let Some(name) = dtype.strip_prefix("torch.") else {
+                return Ok(false);
+            };
             out.global("torch", name);
         }
         out.buf.extend_from_slice(&[op::TUPLE, op::REDUCE]);
@@ -553,7 +626,12 @@ impl SaveHelper {
 
     /// Writes a simple value (None, bool, int, float, str, and lists, tuples, dicts and
     /// OrderedDicts of those): what `_metadata` holds. False for anything else.
-    fn write_simple(&self, out: &mut PickleOut, obj: &Bound<'_, PyAny>, depth: usize) -> PyResult<bool> {
+    fn write_simple(
+        &self,
+        out: &mut PickleOut,
+        obj: &Bound<'_, PyAny>,
+        depth: usize,
+    ) -> PyResult<bool> {
         use pyo3::types::{PyBool, PyFloat, PyInt, PyList};
         let py = obj.py();
         if depth > 32 {
@@ -562,9 +640,15 @@ impl SaveHelper {
         if obj.is_none() {
             out.buf.push(op::NONE);
         } else if let Ok(b) = obj.downcast_exact::<PyBool>() {
-            out.buf.push(if b.is_true() { op::NEWTRUE } else { op::NEWFALSE });
+            out.buf.push(if b.is_true() {
+                op::NEWTRUE
+            } else {
+                op::NEWFALSE
+            });
         } else if obj.downcast_exact::<PyInt>().is_ok() {
-            let Ok(v) = obj.extract::<i64>() else { return Ok(false) };
+            let Ok(v) = obj.extract::<i64>() else {
+                return Ok(false);
+            };
             out.int(v);
         } else if let Ok(f) = obj.downcast_exact::<PyFloat>() {
             out.buf.push(op::BINFLOAT);
@@ -599,7 +683,7 @@ impl SaveHelper {
         } else if let Ok(d) = obj.downcast_exact::<PyDict>() {
             out.buf.push(op::EMPTY_DICT);
             out.put();
-            if !self.write_items(out, d, depth, &mut |this, out, v, depth| this.write_simple(out, v, depth + 1))? {
+            if !self.write_items(out, d, depth)? {
                 return Ok(false);
             }
         } else if obj.get_type().is(self.ordered_dict.bind(py)) {
@@ -611,7 +695,7 @@ impl SaveHelper {
             out.buf.extend_from_slice(&[op::EMPTY_TUPLE, op::REDUCE]);
             out.put();
             let d = obj.downcast::<PyDict>()?;
-            if !self.write_items(out, d, depth, &mut |this, out, v, depth| this.write_simple(out, v, depth + 1))? {
+            if !self.write_items(out, d, depth)? {
                 return Ok(false);
             }
         } else {
@@ -620,21 +704,22 @@ impl SaveHelper {
         Ok(true)
     }
 
-    /// Writes a mapping's items in SETITEMS batches; keys must be str.
-    fn write_items<'py>(
+    /// Writes a mapping's str keys and simple values in SETITEMS batches.
+    fn write_items(
         &self,
         out: &mut PickleOut,
-        d: &Bound<'py, PyDict>,
+        d: &Bound<'_, PyDict>,
         depth: usize,
-        value: &mut dyn FnMut(&Self, &mut PickleOut, &Bound<'py, PyAny>, usize) -> PyResult<bool>,
     ) -> PyResult<bool> {
-        let items: Vec<(Bound<'py, PyAny>, Bound<'py, PyAny>)> = d.iter().collect();
+        let items: Vec<_> = d.iter().collect();
         for chunk in items.chunks(BATCH) {
             out.buf.push(op::MARK);
             for (k, v) in chunk {
-                let Ok(k) = k.downcast_exact::<PyString>() else { return Ok(false) };
+                let Ok(k) = k.downcast_exact::<PyString>() else {
+                    return Ok(false);
+                };
                 out.string(k.to_str()?);
-                if !value(self, out, v, depth)? {
+                if !self.write_simple(out, v, depth + 1)? {
                     return Ok(false);
                 }
             }
@@ -649,10 +734,15 @@ impl SaveHelper {
     /// `_metadata`) mapping str to plain tensors — written natively, with the same
     /// opcodes `pickle` produces for it. `None` when `obj` has any other shape; the
     /// caller then runs the general pickler with this helper's hooks.
-    fn state_dict_pickle<'py>(&mut self, obj: &Bound<'py, PyAny>) -> PyResult<Option<Bound<'py, pyo3::types::PyBytes>>> {
+    fn state_dict_pickle<'py>(
+        &mut self,
+        obj: &Bound<'py, PyAny>,
+    ) -> PyResult<Option<Bound<'py, pyo3::types::PyBytes>>> {
         let py = obj.py();
         let is_od = obj.get_type().is(self.ordered_dict.bind(py));
-        let Ok(d) = obj.downcast::<PyDict>() else { return Ok(None) };
+        let Ok(d) = obj.downcast::<PyDict>() else {
+            return Ok(None);
+        };
         if !is_od && obj.downcast_exact::<PyDict>().is_err() {
             return Ok(None);
         }
@@ -669,7 +759,9 @@ impl SaveHelper {
             }
         }
         for (k, v) in d.iter() {
-            if k.downcast_exact::<PyString>().is_err() || !v.get_type().is(self.tensor_type.bind(py)) {
+            if k.downcast_exact::<PyString>().is_err()
+                || !v.get_type().is(self.tensor_type.bind(py))
+            {
                 return Ok(None);
             }
         }

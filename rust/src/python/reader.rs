@@ -45,9 +45,20 @@ pub struct PyArchive {
 }
 
 impl PyArchive {
-    fn open_source(py: Python<'_>, source: Box<dyn Source>, file: String, mapping: Option<Py<MappedBuffer>>) -> PyResult<Self> {
-        let archive = py.allow_threads(|| Archive::open(source)).map_err(at(&file))?;
-        Ok(PyArchive { archive, file, mapping })
+    fn open_source(
+        py: Python<'_>,
+        source: Box<dyn Source>,
+        file: String,
+        mapping: Option<Py<MappedBuffer>>,
+    ) -> PyResult<Self> {
+        let archive = py
+            .allow_threads(|| Archive::open(source))
+            .map_err(at(&file))?;
+        Ok(PyArchive {
+            archive,
+            file,
+            mapping,
+        })
     }
 
     fn open_file(py: Python<'_>, file: File, mmap: bool, display: String) -> PyResult<Self> {
@@ -59,9 +70,15 @@ impl PyArchive {
             let buffer = MappedBuffer::new(map);
             let shared = buffer.map.clone();
             let mapping = Py::new(py, buffer)?;
-            Self::open_source(py, Box::new(MemorySource(SharedMap(shared))), display, Some(mapping))
+            Self::open_source(
+                py,
+                Box::new(MemorySource(SharedMap(shared))),
+                display,
+                Some(mapping),
+            )
         } else {
-            let src = FileSource::new(file).map_err(|e| at(&display)(Error::io("reading file size", e)))?;
+            let src = FileSource::new(file)
+                .map_err(|e| at(&display)(Error::io("reading file size", e)))?;
             Self::open_source(py, Box::new(src), display, None)
         }
     }
@@ -107,9 +124,16 @@ impl PyArchive {
     fn open_buffer(py: Python<'_>, data: &Bound<'_, PyAny>, display: String) -> PyResult<Self> {
         let buf = PyBuffer::<u8>::get(data)?;
         if !buf.is_c_contiguous() {
-            return Err(PyValueError::new_err("checkpoint buffer must be C-contiguous"));
+            return Err(PyValueError::new_err(
+                "checkpoint buffer must be C-contiguous",
+            ));
         }
-        Self::open_source(py, Box::new(MemorySource(PyBufferBytes(buf))), display, None)
+        Self::open_source(
+            py,
+            Box::new(MemorySource(PyBufferBytes(buf))),
+            display,
+            None,
+        )
     }
 
     /// The file (or a description of the buffer) this archive was opened from.
@@ -148,12 +172,22 @@ impl PyArchive {
     /// `(data_offset, size, crc32, compressed)` of a record.
     fn info(&self, name: &str) -> PyResult<(u64, u64, u32, bool)> {
         let r = self.record(name)?;
-        Ok((r.data_offset, r.size, r.crc32, r.compression == Compression::Deflated))
+        Ok((
+            r.data_offset,
+            r.size,
+            r.crc32,
+            r.compression == Compression::Deflated,
+        ))
     }
 
     /// A whole record's bytes; its CRC32 is checked unless `verify=False`.
     #[pyo3(signature = (name, verify=true))]
-    fn read<'py>(&self, py: Python<'py>, name: &str, verify: bool) -> PyResult<Bound<'py, PyBytes>> {
+    fn read<'py>(
+        &self,
+        py: Python<'py>,
+        name: &str,
+        verify: bool,
+    ) -> PyResult<Bound<'py, PyBytes>> {
         let rec = self.record(name)?;
         let data = py
             .allow_threads(|| self.archive.read(rec, verify))
@@ -164,16 +198,30 @@ impl PyArchive {
     /// A record copied (or decompressed) into a new aligned buffer, byte-swapped by
     /// `swap`-byte elements when `swap > 1`.
     #[pyo3(signature = (name, swap=0, verify=false))]
-    fn read_buffer(&self, py: Python<'_>, name: &str, swap: usize, verify: bool) -> PyResult<OwnedBuffer> {
+    fn read_buffer(
+        &self,
+        py: Python<'_>,
+        name: &str,
+        swap: usize,
+        verify: bool,
+    ) -> PyResult<OwnedBuffer> {
         let rec = self.record(name)?;
-        let len = usize::try_from(rec.size)
-            .map_err(|_| at(&self.file)(Error::bad_record(&rec.name, "too large for this machine")))?;
+        let len = usize::try_from(rec.size).map_err(|_| {
+            at(&self.file)(Error::bad_record(&rec.name, "too large for this machine"))
+        })?;
         let mut buf = AlignedBuffer::zeroed(len).ok_or_else(|| {
-            pyo3::exceptions::PyMemoryError::new_err(format!("{}: cannot allocate {len} bytes for '{}'", self.file, rec.name))
+            pyo3::exceptions::PyMemoryError::new_err(format!(
+                "{}: cannot allocate {len} bytes for '{}'",
+                self.file, rec.name
+            ))
         })?;
         py.allow_threads(|| {
             self.archive.read_many_into(
-                vec![ReadJob { record: rec, dst: buf.as_mut_slice(), swap }],
+                vec![ReadJob {
+                    record: rec,
+                    dst: buf.as_mut_slice(),
+                    swap,
+                }],
                 num_threads(),
                 verify,
             )
@@ -187,7 +235,12 @@ impl PyArchive {
     /// must point to `nbytes` writable bytes that stay alive during the call (the
     /// Python layer passes `data_ptr()`s of storages it holds).
     #[pyo3(signature = (jobs, verify=false))]
-    fn read_into(&self, py: Python<'_>, jobs: Vec<(String, usize, usize, usize)>, verify: bool) -> PyResult<()> {
+    fn read_into(
+        &self,
+        py: Python<'_>,
+        jobs: Vec<(String, usize, usize, usize)>,
+        verify: bool,
+    ) -> PyResult<()> {
         let mut resolved = Vec::with_capacity(jobs.len());
         for (name, addr, nbytes, swap) in &jobs {
             let rec = self.record(name)?;
@@ -238,7 +291,11 @@ impl PyArchive {
     /// Checks the CRC32 of the named records (all when `None`) on several threads.
     /// Returns `(record, problem)` for every failure instead of stopping at the first.
     #[pyo3(signature = (names=None))]
-    fn verify(&self, py: Python<'_>, names: Option<Vec<String>>) -> PyResult<Vec<(String, String)>> {
+    fn verify(
+        &self,
+        py: Python<'_>,
+        names: Option<Vec<String>>,
+    ) -> PyResult<Vec<(String, String)>> {
         let records: Vec<_> = match names {
             Some(ns) => ns.iter().map(|n| self.record(n)).collect::<PyResult<_>>()?,
             None => self.archive.records().iter().collect(),
@@ -253,7 +310,11 @@ impl PyArchive {
                         let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         let Some(rec) = records.get(i) else { break };
                         if let Err(e) = self.archive.verify_record(rec) {
-                            out.lock().unwrap_or_else(|p| p.into_inner()).push((i, rec.name.clone(), e.to_string()));
+                            out.lock().unwrap_or_else(|p| p.into_inner()).push((
+                                i,
+                                rec.name.clone(),
+                                e.to_string(),
+                            ));
                         }
                     });
                 }

@@ -31,7 +31,10 @@ impl Write for PySink {
             // Raw streams may write less than asked (None means "would block").
             match written.extract::<Option<usize>>(py) {
                 Ok(Some(k)) if k <= n => Ok(k),
-                Ok(None) => Err(std::io::Error::new(std::io::ErrorKind::WouldBlock, "write returned None")),
+                Ok(None) => Err(std::io::Error::new(
+                    std::io::ErrorKind::WouldBlock,
+                    "write returned None",
+                )),
                 _ => Ok(n),
             }
         })
@@ -101,7 +104,11 @@ impl PyArchiveWriter {
             .ok_or_else(|| PyValueError::new_err("the archive writer is already finished"))
     }
 
-    fn run<T>(&mut self, py: Python<'_>, f: impl FnOnce(&mut dyn RecordSink) -> Result<T> + Send) -> PyResult<T>
+    fn run<T>(
+        &mut self,
+        py: Python<'_>,
+        f: impl FnOnce(&mut dyn RecordSink) -> Result<T> + Send,
+    ) -> PyResult<T>
     where
         T: Send,
     {
@@ -134,8 +141,12 @@ impl PyArchiveWriter {
         if let Ok(path) = target.extract::<PathBuf>() {
             let display = path.display().to_string();
             let (file, atomic_file) = if atomic {
-                let mut a = AtomicFile::create(&path)
-                    .map_err(|e| at(&display)(Error::io("creating a temporary file beside the checkpoint", e)))?;
+                let mut a = AtomicFile::create(&path).map_err(|e| {
+                    at(&display)(Error::io(
+                        "creating a temporary file beside the checkpoint",
+                        e,
+                    ))
+                })?;
                 let f = a
                     .file()
                     .try_clone()
@@ -145,10 +156,18 @@ impl PyArchiveWriter {
                 let f = File::create(&path).map_err(|e| at(&display)(Error::io("creating", e)))?;
                 (f, None)
             };
-            let file = WritebackFile { file, early_writeback: durable, written: 0, flushed_to: 0 };
+            let file = WritebackFile {
+                file,
+                early_writeback: durable,
+                written: 0,
+                flushed_to: 0,
+            };
             let writer = ArchiveWriter::new(BufWriter::with_capacity(BUFFER, file), prefix);
             return Ok(PyArchiveWriter {
-                target: Some(Target::File { writer, atomic: atomic_file }),
+                target: Some(Target::File {
+                    writer,
+                    atomic: atomic_file,
+                }),
                 file: display,
             });
         }
@@ -167,7 +186,12 @@ impl PyArchiveWriter {
     }
 
     /// Appends one record from any contiguous buffer (bytes, memoryview, ...).
-    fn write_record(&mut self, py: Python<'_>, name: &str, data: &Bound<'_, PyAny>) -> PyResult<()> {
+    fn write_record(
+        &mut self,
+        py: Python<'_>,
+        name: &str,
+        data: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
         let buf = PyBuffer::<u8>::get(data)?;
         if !buf.is_c_contiguous() {
             return Err(PyValueError::new_err("record data must be C-contiguous"));
@@ -184,7 +208,11 @@ impl PyArchiveWriter {
 
     /// Appends storage records: `items` is `[(name, address, nbytes)]`. Private API:
     /// each address must point to `nbytes` readable bytes kept alive during the call.
-    fn write_storages(&mut self, py: Python<'_>, items: Vec<(String, usize, usize)>) -> PyResult<()> {
+    fn write_storages(
+        &mut self,
+        py: Python<'_>,
+        items: Vec<(String, usize, usize)>,
+    ) -> PyResult<()> {
         for (_, addr, n) in &items {
             if *n > 0 && *addr == 0 {
                 return Err(PyValueError::new_err("null storage address"));
@@ -232,10 +260,13 @@ impl PyArchiveWriter {
                     match atomic {
                         Some(a) => {
                             drop(f);
-                            a.commit(fsync)
-                                .map_err(|e| Error::io("moving the finished checkpoint into place", e))
+                            a.commit(fsync).map_err(|e| {
+                                Error::io("moving the finished checkpoint into place", e)
+                            })
                         }
-                        None if fsync => f.sync_all().map_err(|e| Error::io("syncing the checkpoint", e)),
+                        None if fsync => f
+                            .sync_all()
+                            .map_err(|e| Error::io("syncing the checkpoint", e)),
                         None => Ok(()),
                     }
                 })

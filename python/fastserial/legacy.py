@@ -248,6 +248,17 @@ def load_legacy(opened: _Opened, map_location, pickle_module, weights_only, pick
     return loader.load_stream(opened.stream)
 
 
+def tar_member(tar: tarfile.TarFile, name: str, display: str) -> io.BytesIO:
+    """A member of a legacy tar checkpoint, in memory, or CheckpointError naming it."""
+    try:
+        fh = tar.extractfile(name)
+    except KeyError:
+        fh = None
+    if fh is None:
+        raise CheckpointError(f"{display}: record '{name}' is missing from the tar archive")
+    return io.BytesIO(fh.read())
+
+
 def load_tar(opened: _Opened, map_location, pickle_module, weights_only, pickle_load_args):
     if weights_only:
         raise RuntimeError(
@@ -265,13 +276,7 @@ def load_tar(opened: _Opened, map_location, pickle_module, weights_only, pickle_
     with tar:
 
         def member(name: str):
-            try:
-                fh = tar.extractfile(name)
-            except KeyError:
-                fh = None
-            if fh is None:
-                raise CheckpointError(f"{opened.display}: record '{name}' is missing from the tar archive")
-            return io.BytesIO(fh.read())
+            return tar_member(tar, name, opened.display)
 
         storages = member("storages")
         for _ in range(loader.unpickle(storages)):

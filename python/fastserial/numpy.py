@@ -56,6 +56,7 @@ import numpy as np
 from . import _fastserial as _native
 from . import allowlist as _safe
 from ._fastserial import CheckpointError
+from .legacy import tar_member
 from .serialization import (
     _archive_prefix,
     _assumed_byteorder,
@@ -63,6 +64,7 @@ from .serialization import (
     _is_path,
     _open_checkpoint,
     _Opened,
+    _refusal,
 )
 
 try:  # a declared dependency, but keep plain dtypes working without it
@@ -596,19 +598,12 @@ def _torch_standin(module: str, name: str):
 # --------------------------------------------------------------------------- unpickling
 
 
-def _refusal(file: str, full: str, blocked: bool) -> str:
-    if blocked:
-        return (
-            f"{file}: weights-only load refused global '{full}': its module can never be "
-            "allowed. The file may be malicious; do not load it with weights_only=False "
-            "unless you trust its source."
-        )
-    return (
-        f"{file}: weights-only load refused global '{full}' (GLOBAL {full} is not an "
-        "allowed global). fastserial.numpy builds only tensors and plain Python values; "
-        "if you trust this checkpoint, allow the global with fastserial.add_safe_globals "
-        "or load with weights_only=False (which runs code from the file)."
-    )
+#: What a refusal suggests for the numpy front end (the rest of the message is shared).
+_REFUSAL_ADVICE = (
+    "fastserial.numpy builds only tensors and plain Python values; if you trust this "
+    "checkpoint, allow the global with fastserial.add_safe_globals or load with "
+    "weights_only=False (which runs code from the file)."
+)
 
 
 class _Unpickler(pickle.Unpickler):
@@ -746,7 +741,7 @@ class _Reader:
         if self.mode == "strict":
             user = None if blocked else _safe.user_safe_globals().get(full)
             if user is None:
-                raise pickle.UnpicklingError(_refusal(self.file, full, blocked))
+                raise pickle.UnpicklingError(_refusal(self.file, full, blocked, _REFUSAL_ADVICE))
             return user
         return None  # trusting: import it
 
@@ -1279,13 +1274,7 @@ def _read_tar(tar: tarfile.TarFile, reader: _Reader, factory: _LegacyArrays, fil
     objects: dict[Any, Any] = {}
 
     def member(name: str) -> io.BytesIO:
-        try:
-            fh = tar.extractfile(name)
-        except KeyError:
-            fh = None
-        if fh is None:
-            raise CheckpointError(f"{file}: record '{name}' is missing from the tar archive")
-        return io.BytesIO(fh.read())
+        return tar_member(tar, name, file)
 
     storages = member("storages")
     for _ in range(reader.unpickle(storages)):

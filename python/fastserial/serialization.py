@@ -705,7 +705,8 @@ def _canonical_global(module: str, name: str, proto: int, fix_imports: bool = Tr
     return _MODULE_RENAMES.get(module, module), name
 
 
-def _refusal(file: str, full: str, blocked: bool = False) -> str:
+def _refusal(file: str, full: str, blocked: bool = False, advice: Optional[str] = None) -> str:
+    """The message of a weights-only refusal; ``advice`` replaces the default hint."""
     if blocked:
         return (
             f"{file}: weights-only load refused global '{full}': its module can never be "
@@ -714,10 +715,13 @@ def _refusal(file: str, full: str, blocked: bool = False) -> str:
         )
     return (
         f"{file}: weights-only load refused global '{full}' (GLOBAL {full} is not an "
-        "allowed global). If you trust this checkpoint, allow it with "
-        f"fastserial.add_safe_globals([{full}]) or the fastserial.safe_globals([...]) "
-        "context manager, or load with weights_only=False (which runs arbitrary code "
-        "from the file)."
+        "allowed global). "
+        + (
+            advice
+            or f"If you trust this checkpoint, allow it with fastserial.add_safe_globals([{full}]) "
+            "or the fastserial.safe_globals([...]) context manager, or load with "
+            "weights_only=False (which runs arbitrary code from the file)."
+        )
     )
 
 

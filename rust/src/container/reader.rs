@@ -306,12 +306,14 @@ impl Archive {
             let compression = match h.method {
                 METHOD_STORED => Compression::Stored,
                 METHOD_DEFLATED => Compression::Deflated,
-                m => return Err(Error::bad_record(
-                    &name,
-                    format!(
+                m => {
+                    return Err(Error::bad_record(
+                        &name,
+                        format!(
                         "unsupported compression method {m} (only stored and deflate are readable)"
                     ),
-                )),
+                    ))
+                }
             };
             if compression == Compression::Stored && csize != size {
                 return Err(Error::bad_record(

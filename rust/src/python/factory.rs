@@ -95,6 +95,17 @@ fn int_list(obj: &Bound<'_, PyAny>) -> Option<Vec<i64>> {
     Some(v)
 }
 
+/// Calls a Python fallback with `args` and, when given, the optional `metadata`.
+fn call_with(
+    py: Python<'_>,
+    f: &Py<PyAny>,
+    args: &[&Bound<'_, PyAny>],
+    metadata: Option<&Bound<'_, PyAny>>,
+) -> PyResult<Py<PyAny>> {
+    let items: Vec<&Bound<'_, PyAny>> = args.iter().copied().chain(metadata).collect();
+    f.call1(py, PyTuple::new(py, items)?)
+}
+
 /// True when (size, stride) covers exactly `numel` elements without gaps or overlap.
 fn is_dense(size: &[i64], stride: &[i64], numel: i64) -> bool {
     if size.len() == 1 {
@@ -414,18 +425,15 @@ impl TensorFactory {
         metadata: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Py<PyAny>> {
         let Ok(pending) = storage.downcast::<PendingStorage>() else {
-            let mut items = vec![
-                storage.clone(),
-                storage_offset.clone(),
-                size.clone(),
-                stride.clone(),
-                requires_grad.clone(),
-                backward_hooks.clone(),
+            let args = [
+                storage,
+                storage_offset,
+                size,
+                stride,
+                requires_grad,
+                backward_hooks,
             ];
-            if let Some(m) = metadata {
-                items.push(m.clone());
-            }
-            return self.py_rebuild_v2.call1(py, PyTuple::new(py, items)?);
+            return call_with(py, &self.py_rebuild_v2, &args, metadata);
         };
         let dtype = pending.borrow().dtype.clone_ref(py);
         let t = self.build(py, pending, dtype.bind(py), storage_offset, size, stride)?;
@@ -449,19 +457,16 @@ impl TensorFactory {
         let pending = match storage.downcast::<PendingStorage>() {
             Ok(p) if self.sizes.bind(py).contains(dtype)? => p,
             _ => {
-                let mut items = vec![
-                    storage.clone(),
-                    storage_offset.clone(),
-                    size.clone(),
-                    stride.clone(),
-                    requires_grad.clone(),
-                    backward_hooks.clone(),
-                    dtype.clone(),
+                let args = [
+                    storage,
+                    storage_offset,
+                    size,
+                    stride,
+                    requires_grad,
+                    backward_hooks,
+                    dtype,
                 ];
-                if let Some(m) = metadata {
-                    items.push(m.clone());
-                }
-                return self.py_rebuild_v3.call1(py, PyTuple::new(py, items)?);
+                return call_with(py, &self.py_rebuild_v3, &args, metadata);
             }
         };
         let t = self.build(py, pending, dtype, storage_offset, size, stride)?;

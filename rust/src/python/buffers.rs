@@ -17,6 +17,7 @@ use crate::storage::{AlignedBuffer, MappedFile};
 /// `view` must be the pointer CPython passed to `bf_getbuffer`, and `ptr` must stay
 /// valid for `len` bytes for as long as `owner` is alive (the view holds a reference).
 unsafe fn fill_view(
+    py: Python<'_>,
     owner: *mut ffi::PyObject,
     view: *mut ffi::Py_buffer,
     ptr: *mut u8,
@@ -30,7 +31,7 @@ unsafe fn fill_view(
     // memory owned by owner; PyBuffer_FillInfo takes a new reference to owner.
     let rc = unsafe { ffi::PyBuffer_FillInfo(view, owner, ptr.cast(), len as isize, 0, flags) };
     if rc != 0 {
-        return Err(PyErr::fetch(unsafe { Python::assume_gil_acquired() }));
+        return Err(PyErr::fetch(py));
     }
     Ok(())
 }
@@ -76,7 +77,7 @@ impl MappedBuffer {
     ) -> PyResult<()> {
         let (ptr, len) = (slf.get().ptr.0, slf.get().map.len());
         // SAFETY: the mapping lives in an Arc owned by slf, which the view references.
-        unsafe { fill_view(slf.as_ptr(), view, ptr, len, flags) }
+        unsafe { fill_view(slf.py(), slf.as_ptr(), view, ptr, len, flags) }
     }
 
     unsafe fn __releasebuffer__(&self, _view: *mut ffi::Py_buffer) {}
@@ -112,7 +113,7 @@ impl OwnedBuffer {
         let (ptr, len) = (slf.get().ptr.0, slf.get().buf.len());
         // SAFETY: the allocation is owned by slf and never reallocated; the view holds a
         // reference to slf, so it outlives every consumer.
-        unsafe { fill_view(slf.as_ptr(), view, ptr, len, flags) }
+        unsafe { fill_view(slf.py(), slf.as_ptr(), view, ptr, len, flags) }
     }
 
     unsafe fn __releasebuffer__(&self, _view: *mut ffi::Py_buffer) {}

@@ -255,3 +255,61 @@ fn random_u64() -> u64 {
         .unwrap_or(0);
     t ^ (&b as *const _ as u64).rotate_left(32) ^ (std::process::id() as u64) << 48
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::container::spec::Le;
+
+    /// Parses a local header's zip64 extra, returning (size, offset) when present.
+    fn zip64_fields(h: &[u8], name_len: usize) -> (Option<u64>, Option<u64>, usize) {
+        let extra_len = u16::from_le_bytes([h[28], h[29]]) as usize;
+        let mut r = Le::new(&h[LOCAL_FILE_HEADER_SIZE + name_len..][..extra_len]);
+        let (mut size, mut offset) = (None, None);
+        while r.remaining() >= 4 {
+            let id = r.u16().unwrap();
+            let len = r.u16().unwrap() as usize;
+            let body = r.bytes(len).unwrap();
+            if id == ZIP64_EXTRA_ID {
+                let mut z = Le::new(body);
+                if len >= 16 {
+                    size = z.u64();
+                    let _compressed = z.u64();
+                }
+                if len == 8 || len == 24 {
+                    offset = z.u64();
+                }
+            }
+        }
+        (size, offset, extra_len)
+    }
+
+    #[test]
+    fn local_headers_past_4_gib_carry_zip64_fields_and_stay_aligned() {
+        let name = "archive/data/0";
+        for (size, offset) in [
+            (10u64, 5u64 << 30),
+            (5u64 << 30, 100),
+            (5u64 << 30, 6u64 << 30),
+            (10, 4096),
+        ] {
+            let h = local_header(name, size, offset);
+            let (z_size, z_offset, extra_len) = zip64_fields(&h, name.len());
+            let big_size = size >= U32_SENTINEL as u64;
+            let big_offset = offset >= U32_SENTINEL as u64;
+            assert_eq!(
+                z_size,
+                big_size.then_some(size),
+                "size {size} offset {offset}"
+            );
+            assert_eq!(
+                z_offset,
+                big_offset.then_some(offset),
+                "size {size} offset {offset}"
+            );
+            assert_eq!(h.len(), LOCAL_FILE_HEADER_SIZE + name.len() + extra_len);
+            // Data starts right after the header, on torch's 64-byte boundary.
+            assert_eq!((offset + h.len() as u64) % STORAGE_ALIGNMENT, 0);
+        }
+    }
+}

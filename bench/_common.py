@@ -783,3 +783,17 @@ def render_table(headers, rows, markdown=False) -> str:
     out = [line(cells[0]), "  ".join("-" * w for w in widths)]
     out += [line(r) for r in cells[1:]]
     return "\n".join(out)
+
+
+def emit_report(render, results, meta, libs, args, log_written=None) -> None:
+    """Prints the plain report (or Markdown with ``--markdown -``), writes the Markdown
+    file when ``--markdown PATH`` is given."""
+    if args.markdown == "-":
+        print(render(results, meta, libs, args, markdown=True))
+        return
+    print(render(results, meta, libs, args, markdown=False))
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(render(results, meta, libs, args, markdown=True) + "\n")
+        if log_written is not None:
+            log_written(f"markdown written to {args.markdown}")

@@ -42,6 +42,7 @@ from _common import (
     check_tmpdir,
     configure_process,
     data_bytes,
+    emit_report,
     fmt_ratio,
     fmt_size,
     fmt_time,
@@ -541,14 +542,7 @@ def main(argv=None):
         shutil.rmtree(tmpdir, ignore_errors=True)
     meta["total_elapsed_s"] = time.perf_counter() - t0
 
-    if args.markdown == "-":
-        print(render_report(results, meta, libs, args, markdown=True))
-    else:
-        print(render_report(results, meta, libs, args, markdown=False))
-        if args.markdown:
-            with open(args.markdown, "w") as f:
-                f.write(render_report(results, meta, libs, args, markdown=True) + "\n")
-            log(f"markdown written to {args.markdown}")
+    emit_report(render_report, results, meta, libs, args, log_written=log)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "args": {k: v for k, v in vars(args).items()}, "workloads": results}, f, indent=2)

@@ -33,6 +33,7 @@ from _common import (
     check_tmpdir,
     configure_process,
     data_bytes,
+    emit_report,
     fmt_ratio,
     fmt_size,
     fmt_time,
@@ -293,13 +294,7 @@ def main(argv=None):
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
     meta["total_elapsed_s"] = time.perf_counter() - t0
-    if args.markdown == "-":
-        print(render(results, meta, libs, args, markdown=True))
-    else:
-        print(render(results, meta, libs, args, markdown=False))
-        if args.markdown:
-            with open(args.markdown, "w") as f:
-                f.write(render(results, meta, libs, args, markdown=True) + "\n")
+    emit_report(render, results, meta, libs, args)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "args": vars(args), "cases": results}, f, indent=2)

@@ -259,6 +259,18 @@ def tar_member(tar: tarfile.TarFile, name: str, display: str) -> io.BytesIO:
     return io.BytesIO(fh.read())
 
 
+def tar_tensor_geometry(stream) -> tuple[tuple[int, ...], tuple[int, ...], int]:
+    """(size, stride, storage offset) of one record of a tar checkpoint's ``tensors``
+    member: int32 ndim, 4 padding bytes, ndim int64 sizes, ndim int64 strides, int64
+    offset, all little-endian."""
+    (ndim,) = struct.unpack("<i", stream.read(4))
+    stream.read(4)
+    size = struct.unpack(f"<{ndim}q", stream.read(8 * ndim))
+    stride = struct.unpack(f"<{ndim}q", stream.read(8 * ndim))
+    (offset,) = struct.unpack("<q", stream.read(8))
+    return size, stride, offset
+
+
 def load_tar(opened: _Opened, map_location, pickle_module, weights_only, pickle_load_args):
     if weights_only:
         raise RuntimeError(
@@ -301,11 +313,7 @@ def load_tar(opened: _Opened, map_location, pickle_module, weights_only, pickle_
         for _ in range(loader.unpickle(tensors)):
             key, storage_id, _tensor_type = loader.unpickle(tensors)
             storage = objects[storage_id]
-            (ndim,) = struct.unpack("<i", tensors.read(4))
-            tensors.read(4)
-            size = struct.unpack(f"<{ndim}q", tensors.read(8 * ndim))
-            stride = struct.unpack(f"<{ndim}q", tensors.read(8 * ndim))
-            (offset,) = struct.unpack("<q", tensors.read(8))
+            size, stride, offset = tar_tensor_geometry(tensors)
             objects[key] = torch.empty((0,), dtype=storage.dtype).set_(
                 storage._untyped_storage, offset, size, stride
             )

@@ -56,7 +56,7 @@ import numpy as np
 from . import _fastserial as _native
 from . import allowlist as _safe
 from ._fastserial import CheckpointError
-from .legacy import tar_member
+from .legacy import tar_member, tar_tensor_geometry
 from .serialization import (
     _archive_prefix,
     _assumed_byteorder,
@@ -1299,11 +1299,7 @@ def _read_tar(tar: tarfile.TarFile, reader: _Reader, factory: _LegacyArrays, fil
     for _ in range(reader.unpickle(tensors)):
         key, storage_id, _tensor_type = reader.unpickle(tensors)
         storage = objects[storage_id]
-        (ndim,) = struct.unpack("<i", tensors.read(4))
-        tensors.read(4)
-        size = struct.unpack(f"<{ndim}q", tensors.read(8 * ndim))
-        stride = struct.unpack(f"<{ndim}q", tensors.read(8 * ndim))
-        (offset,) = struct.unpack("<q", tensors.read(8))
+        size, stride, offset = tar_tensor_geometry(tensors)
         info = reader.info_of[id(storage)]
         objects[key] = reader._tensor(storage, info.dtype or _UINT8, offset, size, stride,
                                       "tar tensor")

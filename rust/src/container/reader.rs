@@ -96,8 +96,11 @@ pub const MAX_ENTRIES: u64 = 1 << 26;
 /// Deflate's largest possible expansion (zlib's "1032:1" limit).
 const MAX_DEFLATE_RATIO: u64 = 1032;
 const MAX_EOCD_SEARCH: u64 = (END_OF_CENTRAL_DIRECTORY_SIZE + u16::MAX as usize) as u64;
-/// Local headers are read in windows of this size, so many small records cost few reads.
+/// Local headers of neighbouring records are read together, in windows of up to this
+/// size, so many small records cost few reads.
 const HEADER_WINDOW: usize = 1 << 20;
+/// Bytes read for one local header: the fixed part, the name and torch's padding.
+const HEADER_SLACK: u64 = 512;
 
 /// An opened checkpoint container.
 pub struct Archive {
@@ -658,10 +661,11 @@ fn check_crc(rec: &Record, bytes: &[u8]) -> Result<()> {
 fn resolve_data_offsets(source: &dyn Source, records: &mut [Record], cd_offset: u64) -> Result<()> {
     let mut order: Vec<usize> = (0..records.len()).collect();
     order.sort_by_key(|&i| records[i].header_offset);
+    let starts: Vec<u64> = order.iter().map(|&i| records[i].header_offset).collect();
     let mem = source.as_slice();
     let mut window: Vec<u8> = Vec::new();
     let mut window_start = 0u64;
-    for i in order {
+    for (position, &i) in order.iter().enumerate() {
         let rec = &records[i];
         let h = rec.header_offset;
         let fixed_end = h.checked_add(LOCAL_FILE_HEADER_SIZE as u64);
@@ -684,7 +688,17 @@ fn resolve_data_offsets(source: &dyn Source, records: &mut [Record], cd_offset: 
             let in_window =
                 start >= *window_start && start + n as u64 <= *window_start + window.len() as u64;
             if !in_window {
-                let want = (HEADER_WINDOW as u64).max(n as u64).min(cd_offset - start) as usize;
+                // Cover the following headers that lie within HEADER_WINDOW (many small
+                // records: one read for many headers), but never read across a big
+                // record's data just to reach the next header.
+                let mut end = start + (n as u64).max(HEADER_SLACK);
+                for &next in &starts[position + 1..] {
+                    if next + HEADER_SLACK > start + HEADER_WINDOW as u64 {
+                        break;
+                    }
+                    end = end.max(next + HEADER_SLACK);
+                }
+                let want = (end.min(cd_offset) - start) as usize;
                 *window = read_vec(source, start, want, "local header")?;
                 *window_start = start;
             }
@@ -735,4 +749,49 @@ fn resolve_data_offsets(source: &dyn Source, records: &mut [Record], cd_offset: 
         records[i].data_offset = data_offset;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::container::writer::ArchiveWriter;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+
+    /// A file-like source (no zero-copy slice) that counts the bytes read from it.
+    struct CountingSource {
+        bytes: Vec<u8>,
+        read: Arc<AtomicU64>,
+    }
+
+    impl Source for CountingSource {
+        fn len(&self) -> u64 {
+            self.bytes.len() as u64
+        }
+        fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+            self.read.fetch_add(buf.len() as u64, Ordering::Relaxed);
+            MemorySource(&self.bytes[..]).read_exact_at(buf, offset)
+        }
+    }
+
+    #[test]
+    fn opening_reads_headers_not_tensor_data() {
+        let mut w = ArchiveWriter::new(Vec::new(), "archive");
+        let big = vec![7u8; 4 << 20];
+        for i in 0..16 {
+            w.write_record(&format!("data/{i}"), &big).unwrap();
+        }
+        let bytes = w.finish().unwrap();
+        let read = Arc::new(AtomicU64::new(0));
+        let archive = Archive::open(Box::new(CountingSource {
+            bytes,
+            read: read.clone(),
+        }))
+        .unwrap();
+        assert_eq!(archive.names().len(), 16);
+        // The end records, the central directory and 16 local headers: a few KiB, not the
+        // 64 MiB of record data (or a 1 MiB window per record).
+        let total = read.load(Ordering::Relaxed);
+        assert!(total < 128 << 10, "opening read {total} bytes");
+    }
 }

@@ -215,9 +215,9 @@ def _display_global(full: str, protocol: int | None) -> str:
     if protocol is not None and protocol >= 3:
         return full
     module, _, name = full.rpartition(".")
-    from .numpy import _compat_name
+    from .serialization import _py2_name
 
-    module, name = _compat_name(module, name)
+    module, name = _py2_name(module, name)
     return f"{module}.{name}"
 
 

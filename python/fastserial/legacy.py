@@ -72,28 +72,12 @@ class _LegacyLoader(_ZipLoader):
         self.to_fill: dict[Any, tuple] = {}
 
     def _next_pickle(self, stream):
-        """The stream's next pickle, scanned natively first (lengths, memo bounds,
-        unsafe opcodes) before Python's unpickler can allocate for it. The window
-        grows until the whole pickle fits; the stream is left just past it."""
+        """The stream's next pickle, scanned natively first; the stream is left just
+        past it."""
         start = stream.tell()
-        window = 1 << 20
-        while True:
-            stream.seek(start)
-            data = stream.read(window)
-            try:
-                scan = _native.scan_pickle(data, self.file)
-                break
-            except CheckpointError:
-                if len(data) < window:
-                    raise
-                window *= 4
-        if self.weights_only and scan["unsafe_opcodes"]:
-            raise _unpickling_error(
-                f"{self.file}: weights-only load refuses pickle opcodes "
-                f"{', '.join(scan['unsafe_opcodes'])}"
-            )
-        stream.seek(start + scan["end"])
-        return io.BufferedReader(io.BytesIO(data[: scan["end"]]), buffer_size=1 << 20)
+        data, end = scan_next_pickle(stream, self.file, refuse_unsafe=self.weights_only)
+        stream.seek(start + end)
+        return io.BufferedReader(io.BytesIO(data[:end]), buffer_size=1 << 20)
 
     def unpickle(self, stream, persistent_load=None):
         unpickler = _unpickler_class(self.pickle_module)(
@@ -219,6 +203,31 @@ class _LegacyLoader(_ZipLoader):
             raise CheckpointError(
                 f"{self.file}: storage {key!r}: the file ends after {got} of its {nbytes} bytes"
             )
+
+
+def scan_next_pickle(stream, label: str, refuse_unsafe: bool) -> tuple[bytes, int]:
+    """Scans the pickle that starts at the stream's position (legacy files hold pickles
+    back to back) before Python's unpickler can allocate for it: every length and memo
+    index is bounded, and with ``refuse_unsafe`` the opcodes a weights-only load refuses
+    raise UnpicklingError. The window read grows until the whole pickle fits. Returns
+    the bytes read and the pickle's length; the stream position is unspecified."""
+    start = stream.tell()
+    window = 1 << 16
+    while True:
+        stream.seek(start)
+        data = stream.read(window)
+        try:
+            scan = _native.scan_pickle(data, label)
+            break
+        except CheckpointError:
+            if len(data) < window:  # the scan saw the whole rest of the stream
+                raise
+            window *= 8
+    if refuse_unsafe and scan["unsafe_opcodes"]:
+        raise _unpickling_error(
+            f"{label}: weights-only load refuses pickle opcodes {', '.join(scan['unsafe_opcodes'])}"
+        )
+    return data, scan["end"]
 
 
 #: Exceptions a damaged legacy pickle makes Python's unpickler raise.

@@ -38,7 +38,6 @@ tensors raise :class:`UnsupportedTensorError`.
 
 from __future__ import annotations
 
-import _compat_pickle
 import codecs
 import collections
 import ctypes
@@ -56,7 +55,7 @@ import numpy as np
 from . import _fastserial as _native
 from . import allowlist as _safe
 from ._fastserial import CheckpointError
-from .legacy import tar_member, tar_tensor_geometry
+from .legacy import scan_next_pickle, tar_member, tar_tensor_geometry
 from .serialization import (
     _archive_prefix,
     _assumed_byteorder,
@@ -64,6 +63,7 @@ from .serialization import (
     _is_path,
     _open_checkpoint,
     _Opened,
+    _py2_name,
     _refusal,
 )
 
@@ -550,7 +550,7 @@ def _opaque_class(full: str, family: dict) -> type:
 
 def is_allowed_global(module: str, name: str) -> bool:
     """Whether a weights-only load (torch's or this one) accepts ``module.name``."""
-    module, name = _compat_name(module, name)
+    module, name = _py2_name(module, name)
     full = f"{module}.{name}"
     if _torch_standin(module, name) is not None:
         return True
@@ -559,14 +559,6 @@ def is_allowed_global(module: str, name: str) -> bool:
     if full in _PLAIN_SAFE_GLOBALS:
         return True
     return module.split(".")[0] not in _safe.BLOCKED_MODULES and full in _safe.user_safe_globals()
-
-
-def _compat_name(module: str, name: str) -> tuple[str, str]:
-    if (module, name) in _compat_pickle.NAME_MAPPING:
-        return _compat_pickle.NAME_MAPPING[(module, name)]
-    if module in _compat_pickle.IMPORT_MAPPING:
-        return _compat_pickle.IMPORT_MAPPING[module], name
-    return module, name
 
 
 def _torch_standin(module: str, name: str):
@@ -686,23 +678,8 @@ class _Reader:
         files are pickles back to back): bounds every length before Python's unpickler
         allocates for it, and finds opcodes a weights-only load refuses."""
         start = stream.tell()
-        window = 1 << 16
-        while True:
-            data = stream.read(window)
-            try:
-                scan = _native.scan_pickle(data, f"{self.file}: the pickle at byte {start}")
-                break
-            except CheckpointError:
-                if len(data) < window:  # the scan saw the whole rest of the file
-                    raise
-                window *= 8
-                stream.seek(start)
+        scan_next_pickle(stream, f"{self.file}: the pickle at byte {start}", self.mode == "strict")
         stream.seek(start)
-        if self.mode == "strict" and scan["unsafe_opcodes"]:
-            raise pickle.UnpicklingError(
-                f"{self.file}: weights-only load refuses pickle opcodes "
-                f"{', '.join(scan['unsafe_opcodes'])}"
-            )
 
     def _no_persistent_ids(self, saved_id):
         raise pickle.UnpicklingError(f"{self.file}: unexpected persistent id {str(saved_id)[:80]!r}")
@@ -717,7 +694,7 @@ class _Reader:
 
     def find_class(self, module: str, name: str, proto: int, fix_imports: bool):
         if proto < 3 and fix_imports:
-            module, name = _compat_name(module, name)
+            module, name = _py2_name(module, name)
         full = f"{module}.{name}"
         if full not in self.globals_seen:
             self.globals_seen.append(full)

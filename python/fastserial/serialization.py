@@ -694,14 +694,20 @@ class _ZipLoader:
         return None
 
 
+def _py2_name(module: str, name: str) -> tuple[str, str]:
+    """A Python 2 global's Python 3 (module, name), as pickle maps them for protocols < 3."""
+    if (module, name) in _compat_pickle.NAME_MAPPING:
+        return _compat_pickle.NAME_MAPPING[(module, name)]
+    if module in _compat_pickle.IMPORT_MAPPING:
+        return _compat_pickle.IMPORT_MAPPING[module], name
+    return module, name
+
+
 def _canonical_global(module: str, name: str, proto: int, fix_imports: bool = True):
     """The (module, name) a global resolves to: Python 2 names mapped as pickle does
     for protocols < 3, and torch's renamed modules."""
     if proto < 3 and fix_imports:
-        if (module, name) in _compat_pickle.NAME_MAPPING:
-            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
-        elif module in _compat_pickle.IMPORT_MAPPING:
-            module = _compat_pickle.IMPORT_MAPPING[module]
+        module, name = _py2_name(module, name)
     return _MODULE_RENAMES.get(module, module), name
 
 

@@ -103,6 +103,10 @@ class TensorFactory:
         self, storage: Any, storage_offset: int, size: Any, stride: Any, requires_grad: bool,
         backward_hooks: Any, dtype: Any, metadata: Any = None,
     ) -> Any: ...
+    def unpickle(
+        self, data: bytes, objects: dict[tuple[str, str], Any], natives: dict[tuple[str, str], int],
+        ordered_dict: type,
+    ) -> tuple[bool, Any]: ...
     def finish(self) -> None: ...
 
 class StorageRef:

@@ -291,6 +291,13 @@ def _open_checkpoint(f, mmap: bool) -> _Opened:
 
 #: Globals whose calls never read tensor data: while a pickle uses only these, tensors
 #: may be built before their bytes arrive (all bytes are read once, at the end).
+# The tensor rebuilds the native unpickler runs itself (by version), and the globals
+# that call back into the factory it is running in (those pickles take the usual path).
+_NATIVE_REBUILDS = {"torch._utils._rebuild_tensor_v2": 2, "torch._utils._rebuild_tensor_v3": 3}
+_CALLS_BACK_INTO_FACTORY = frozenset(
+    {"torch._utils._rebuild_tensor", "torch._utils._rebuild_qtensor"}
+)
+
 _INERT_GLOBALS = frozenset(
     {
         "collections.OrderedDict",
@@ -354,6 +361,8 @@ class _ZipLoader:
         self.mapping = self.archive.mapping if mmap else None
         self.staging = False  # set when the mapping only stages data for a device
         self.factory = None
+        #: which unpickler ran the pickle: "native" (unpickle.rs) or "python"
+        self.unpickler_used: Optional[str] = None
 
     # -- record helpers
 
@@ -399,12 +408,34 @@ class _ZipLoader:
         )
         if lazy:
             try:
-                return self._run(data, lazy=True)
+                return self._run(data, lazy=True, scan=scan)
             except _Retry:
                 pass
         return self._run(data, lazy=False)
 
-    def _run(self, data: bytes, lazy: bool):
+    def _native_globals(self, scan: dict, unpickler):
+        """What the native unpickler needs to run this pickle: ``(objects, natives)``,
+        each global resolved exactly as ``unpickler`` would; None when it cannot run it."""
+        if self.pickle_module not in (None, pickle):
+            return None
+        fix_imports = self.pickle_load_args.get("fix_imports", True)
+        objects, natives = {}, {}
+        for module, name in scan["globals"]:
+            if _canonical_global(module, name, scan["protocol"], fix_imports) != (module, name):
+                return None  # renamed Python 2 globals: left to the ordinary unpickler
+            full = f"{module}.{name}"
+            if full in _NATIVE_REBUILDS:
+                natives[(module, name)] = _NATIVE_REBUILDS[full]
+            elif full in _CALLS_BACK_INTO_FACTORY:
+                return None
+            else:
+                try:
+                    objects[(module, name)] = unpickler.find_class(module, name)
+                except Exception:
+                    return None  # the ordinary unpickler raises it in context
+        return objects, natives
+
+    def _run(self, data: bytes, lazy: bool, scan: Optional[dict] = None):
         self.storages: dict[str, Any] = {}
         self.factory = self._make_factory() if lazy else None
         stream = io.BufferedReader(io.BytesIO(data), buffer_size=1 << 20)
@@ -414,9 +445,18 @@ class _ZipLoader:
         unpickler.persistent_load = (
             self.factory.persistent_load if self.factory is not None else self.persistent_load
         )
+        native = self._native_globals(scan, unpickler) if lazy and scan is not None else None
         try:
             with _gc_paused():
-                result = unpickler.load()
+                done = False
+                if native is not None:
+                    done, result = self.factory.unpickle(data, *native, OrderedDict)
+                    if not done:  # start over with the ordinary unpickler
+                        self.factory = self._make_factory()
+                        unpickler.persistent_load = self.factory.persistent_load
+                self.unpickler_used = "native" if done else "python"
+                if not done:
+                    result = unpickler.load()
         except (_Retry, CheckpointError, pickle.UnpicklingError, RecursionError, MemoryError):
             raise
         except _MALFORMED_PICKLE_ERRORS as e:
@@ -455,6 +495,7 @@ class _ZipLoader:
             mapping=self.mapping,
             torch_fns={
                 "empty_strided": info.empty_strided,
+                "empty_like": info.torch.empty_like,
                 "empty": info.empty,
                 "UntypedStorage": info.UntypedStorage,
                 "frombuffer": info.frombuffer,

@@ -1,31 +1,37 @@
 //! `TensorFactory`: the per-tensor hot path of a load, natively.
 //!
 //! The Python loader (`serialization._ZipLoader`) owns the semantics; this object
-//! runs its common case without Python bytecode: `persistent_load` for CPU storages
-//! returns a `PendingStorage`, and `rebuild_tensor_v2/v3` on a pending storage
-//! validates the view, allocates the tensor at its final size (or views the mapped
-//! file), and queues its bytes. `finish` reads every queued record in one call, on
-//! several threads, with the GIL released. Anything unusual is handed back to the
-//! Python callables given at construction, so behaviour has a single definition.
-
-use std::collections::HashMap;
+//! runs its common case without Python bytecode. It has two drivers:
+//!
+//! * Python's unpickler: `persistent_load` for CPU storages returns a
+//!   `PendingStorage`, and `rebuild_tensor_v2/v3` on one builds the tensor.
+//! * The native unpickler (`unpickle.rs`, through `unpickle`), which does the same
+//!   without the Python calls and argument tuples.
+//!
+//! Either way a rebuild validates the view, allocates the tensor at its final size (or
+//! views the mapped file), and queues its bytes; `finish` reads every queued record in
+//! one call, on several threads, with the GIL released. Anything unusual is handed
+//! back to the Python callables given at construction, so behaviour has a single
+//! definition.
 
 use pyo3::exceptions::PyRuntimeError;
 use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyString, PyTuple};
+use rustc_hash::FxHashMap;
 
 use super::errors::{at, CheckpointError};
 use super::num_threads;
 use super::reader::PyArchive;
+use super::unpickle;
 use crate::container::reader::{Compression, ReadJob};
 
 /// A storage the pickle named, whose memory is created with its first tensor.
-#[pyclass(module = "fastserial._fastserial")]
-pub struct PendingStorage {
+pub struct Slot {
     record: usize,
     dtype: Py<PyAny>,
     nbytes: usize,
+    /// Byte-swap width (0: none); fixed by the first tensor's dtype.
     swap: usize,
     /// The untyped storage, once some tensor created it.
     storage: Option<Py<PyAny>>,
@@ -33,39 +39,88 @@ pub struct PendingStorage {
     first: Option<Py<PyAny>>,
 }
 
+impl Slot {
+    pub(crate) fn dtype<'py>(&self, py: Python<'py>) -> Bound<'py, PyAny> {
+        self.dtype.bind(py).clone()
+    }
+    fn has_memory(&self) -> bool {
+        self.storage.is_some() || self.first.is_some()
+    }
+}
+
+/// A `Slot` as a Python object, for Python's unpickler.
+#[pyclass(module = "fastserial._fastserial")]
+pub struct PendingStorage {
+    slot: Slot,
+}
+
 #[pymethods]
 impl PendingStorage {
     #[getter]
     fn dtype(&self, py: Python<'_>) -> Py<PyAny> {
-        self.dtype.clone_ref(py)
+        self.slot.dtype.clone_ref(py)
     }
     #[getter]
     fn nbytes(&self) -> usize {
-        self.nbytes
+        self.slot.nbytes
     }
     /// The untyped storage, creating it (and queueing its read) when no tensor has.
     fn untyped(slf: &Bound<'_, Self>, factory: &Bound<'_, TensorFactory>) -> PyResult<Py<PyAny>> {
         let py = slf.py();
-        factory.borrow_mut().storage_of(py, slf)
+        factory.borrow_mut().storage_of(py, &mut slf.borrow_mut().slot)
     }
 }
 
 struct Torch {
     empty_strided: Py<PyAny>,
+    empty_like: Py<PyAny>,
     empty: Py<PyAny>,
     untyped_storage: Py<PyAny>,
     frombuffer: Py<PyAny>,
     set_tensor_metadata: Py<PyAny>,
 }
 
+/// What a rebuild needs to know of a dtype.
+#[derive(Clone, Copy)]
+struct DtypeInfo {
+    itemsize: usize,
+    /// Element size to byte-swap by (complex numbers swap per component).
+    swap_size: usize,
+}
+
+/// The view a tensor takes of its storage, in elements.
+pub struct View<'a> {
+    pub offset: i64,
+    pub size: &'a [i64],
+    pub stride: &'a [i64],
+}
+
+/// What `_rebuild_tensor_v2/v3` sets on a tensor after building it.
+pub struct Extras<'a, 'py> {
+    pub requires_grad: bool,
+    /// `_backward_hooks`, set when non-empty.
+    pub hooks: Option<&'a Bound<'py, PyAny>>,
+    /// Tensor metadata, set when non-empty.
+    pub metadata: Option<&'a Bound<'py, PyAny>>,
+}
+
 #[pyclass(module = "fastserial._fastserial")]
 pub struct TensorFactory {
     archive: Py<PyArchive>,
     /// `data/KEY` records by key: (record index, size).
-    records: HashMap<String, (usize, u64)>,
-    slots: HashMap<String, Py<PyAny>>,
+    records: FxHashMap<Box<str>, (usize, u64)>,
+    /// Pending storages handed to Python's unpickler, by key.
+    slots: FxHashMap<Box<str>, Py<PyAny>>,
     jobs: Vec<(usize, usize, usize, usize)>,
     keepalive: Vec<Py<PyAny>>,
+    /// The first tensor made for each layout ([dtype, ndim, sizes.., strides..]).
+    templates: FxHashMap<Vec<i64>, Py<PyAny>>,
+    scratch: Vec<i64>,
+    /// dtype -> its sizes (None: not one this factory builds). Holding each key keeps
+    /// its identity unique for the factory's life.
+    dtypes: Vec<(Py<PyAny>, Option<DtypeInfo>)>,
+    /// storage class -> the dtype it stands for (None: not a storage class).
+    storage_types: Vec<(Py<PyAny>, Option<Py<PyAny>>)>,
     produced: usize,
     consumed: usize,
     swap: bool,
@@ -108,8 +163,18 @@ fn call_with(
 
 /// True when (size, stride) covers exactly `numel` elements without gaps or overlap.
 fn is_dense(size: &[i64], stride: &[i64], numel: i64) -> bool {
-    if size.len() == 1 {
-        return size[0] == numel && (stride[0] == 1 || numel <= 1);
+    // The common case first: row-major contiguous.
+    let mut expected = 1i64;
+    let mut contiguous = true;
+    for (&n, &s) in size.iter().zip(stride).rev() {
+        if n != 1 && s != expected {
+            contiguous = false;
+            break;
+        }
+        expected = expected.saturating_mul(n);
+    }
+    if contiguous {
+        return expected == numel;
     }
     let mut dims: Vec<(i64, i64)> = size
         .iter()
@@ -128,6 +193,15 @@ fn is_dense(size: &[i64], stride: &[i64], numel: i64) -> bool {
     expected == numel
 }
 
+/// A string or bytes object's text, for the parts of a persistent id.
+fn text_of<'a>(obj: &'a Bound<'_, PyAny>) -> Option<std::borrow::Cow<'a, str>> {
+    if let Ok(s) = obj.downcast::<PyString>() {
+        return s.to_cow().ok();
+    }
+    let b = obj.downcast::<PyBytes>().ok()?;
+    std::str::from_utf8(b.as_bytes()).ok().map(|s| std::borrow::Cow::Owned(s.to_string()))
+}
+
 impl TensorFactory {
     fn archive<'a>(&'a self, _py: Python<'a>) -> &'a PyArchive {
         self.archive.get()
@@ -137,13 +211,83 @@ impl TensorFactory {
         self.archive(py).archive.records()[record].name.clone()
     }
 
-    /// The untyped storage behind a pending storage, creating it when needed.
-    fn storage_of(
+    fn dtype_info(&mut self, py: Python<'_>, dtype: &Bound<'_, PyAny>) -> PyResult<Option<DtypeInfo>> {
+        if let Some((_, info)) = self.dtypes.iter().find(|d| d.0.is(dtype)) {
+            return Ok(*info);
+        }
+        let info = match self.sizes.bind(py).get_item(dtype)? {
+            Some(v) => {
+                let (itemsize, swap_size): (usize, usize) = v.extract()?;
+                Some(DtypeInfo { itemsize, swap_size })
+            }
+            None => None,
+        };
+        self.dtypes.push((dtype.clone().unbind(), info));
+        Ok(info)
+    }
+
+    /// The dtype a storage class in a persistent id stands for.
+    fn storage_dtype(&mut self, py: Python<'_>, storage_type: &Bound<'_, PyAny>) -> PyResult<Option<Py<PyAny>>> {
+        if let Some((_, d)) = self.storage_types.iter().find(|d| d.0.is(storage_type)) {
+            return Ok(d.as_ref().map(|d| d.clone_ref(py)));
+        }
+        let dtype = if storage_type.is(self.untyped_cls.bind(py)) {
+            Some(self.uint8.clone_ref(py))
+        } else {
+            match storage_type.getattr(intern!(py, "dtype")) {
+                Ok(d) if self.dtype_info(py, &d)?.is_some() => Some(d.unbind()),
+                _ => None,
+            }
+        };
+        self.storage_types
+            .push((storage_type.clone().unbind(), dtype.as_ref().map(|d| d.clone_ref(py))));
+        Ok(dtype)
+    }
+
+    /// The storage a persistent id `('storage', type, key, location, numel)` names, when
+    /// this factory can make it; `None` hands the id to the Python loader.
+    pub(crate) fn new_slot(
         &mut self,
         py: Python<'_>,
-        pending: &Bound<'_, PendingStorage>,
-    ) -> PyResult<Py<PyAny>> {
-        let mut p = pending.borrow_mut();
+        parts: [&Bound<'_, PyAny>; 5],
+    ) -> PyResult<Option<(String, Slot)>> {
+        let [typename, storage_type, key, location, numel] = parts;
+        if text_of(typename).as_deref() != Some("storage") {
+            return Ok(None);
+        }
+        let Ok(key) = key.downcast::<PyString>() else {
+            return Ok(None);
+        };
+        let key = key.to_str()?;
+        if !self.all_cpu && text_of(location).as_deref() != Some("cpu") {
+            return Ok(None);
+        }
+        let Some(dtype) = self.storage_dtype(py, storage_type)? else {
+            return Ok(None);
+        };
+        let Ok(numel) = numel.extract::<u64>() else {
+            return Ok(None);
+        };
+        let Some(&(record, size)) = self.records.get(key) else {
+            return Ok(None);
+        };
+        let info = self.dtype_info(py, dtype.bind(py))?.expect("checked by storage_dtype");
+        if numel.checked_mul(info.itemsize as u64) != Some(size) {
+            return Ok(None); // the Python loader raises the precise error
+        }
+        let slot = Slot {
+            record,
+            dtype,
+            nbytes: size as usize,
+            swap: if self.swap { info.swap_size } else { 0 },
+            storage: None,
+            first: None,
+        };
+        Ok(Some((key.to_string(), slot)))
+    }
+
+    /// The untyped storage behind a pending storage, creating it when needed.
+    fn storage_of(&mut self, py: Python<'_>, p: &mut Slot) -> PyResult<Py<PyAny>> {
         if let Some(s) = &p.storage {
             return Ok(s.clone_ref(py));
         }
@@ -176,62 +320,36 @@ impl TensorFactory {
         Ok(s)
     }
 
-    fn sizes_of(&self, py: Python<'_>, dtype: &Bound<'_, PyAny>) -> PyResult<(usize, usize)> {
-        match self.sizes.bind(py).get_item(dtype)? {
-            Some(v) => v.extract(),
-            None => Ok((1, 1)),
-        }
-    }
-
     fn view_error(&self, py: Python<'_>, record: usize, msg: String) -> PyErr {
         let name = self.record_name(py, record);
         CheckpointError::new_err(format!("{}: record '{name}': {msg}", self.archive(py).file))
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn build(
+    /// A tensor of `dtype` over the slot's storage, taking view `v`. `None` when the
+    /// Python rebuild must make it (a dtype this factory does not know).
+    pub(crate) fn build(
         &mut self,
         py: Python<'_>,
-        pending: &Bound<'_, PendingStorage>,
+        p: &mut Slot,
         dtype: &Bound<'_, PyAny>,
-        offset: &Bound<'_, PyAny>,
-        size_obj: &Bound<'_, PyAny>,
-        stride_obj: &Bound<'_, PyAny>,
-    ) -> PyResult<Py<PyAny>> {
-        self.consumed += 1;
-        let (record, nbytes, swap_pending, has_storage) = {
-            let p = pending.borrow();
-            (
-                p.record,
-                p.nbytes,
-                p.swap,
-                p.storage.is_some() || p.first.is_some(),
-            )
+        v: &View<'_>,
+        extras: &Extras<'_, '_>,
+    ) -> PyResult<Option<Py<PyAny>>> {
+        let Some(info) = self.dtype_info(py, dtype)? else {
+            return Ok(None);
         };
-        let (itemsize, swap_size) = self.sizes_of(py, dtype)?;
-        let (Some(size), Some(stride), Ok(off)) = (
-            int_list(size_obj),
-            int_list(stride_obj),
-            offset.extract::<i64>(),
-        ) else {
-            return Err(self.view_error(
-                py,
-                record,
-                format!(
-                    "invalid tensor view (offset {offset}, size {size_obj}, stride {stride_obj})"
-                ),
-            ));
-        };
-        if size.len() != stride.len() || off < 0 || size.iter().chain(stride.iter()).any(|&v| v < 0)
-        {
+        let (record, nbytes) = (p.record, p.nbytes);
+        let (size, stride, off) = (v.size, v.stride, v.offset);
+        if size.len() != stride.len() || off < 0 || size.iter().chain(stride).any(|&v| v < 0) {
             return Err(self.view_error(
                 py,
                 record,
                 format!("invalid tensor view (offset {off}, size {size:?}, stride {stride:?})"),
             ));
         }
+        let itemsize = info.itemsize;
         if !size.contains(&0) {
-            let extent = size.iter().zip(&stride).try_fold(off, |acc, (&n, &s)| {
+            let extent = size.iter().zip(stride).try_fold(off, |acc, (&n, &s)| {
                 acc.checked_add((n - 1).checked_mul(s)?)
             });
             let fits = extent
@@ -245,86 +363,199 @@ impl TensorFactory {
             }
         }
         // Byte-swap by the tensor's dtype, also over an untyped (uint8) storage.
-        let swap = if self.swap { swap_size } else { 0 };
-        let _ = swap_pending;
+        let swap = if self.swap { info.swap_size } else { 0 };
         let numel = (nbytes / itemsize.max(1)) as i64;
         let dense = off == 0
             && numel as usize * itemsize == nbytes
             && nbytes > 0
-            && is_dense(&size, &stride, numel);
-        if !has_storage && dense {
-            let kwargs = PyDict::new(py);
-            kwargs.set_item(intern!(py, "dtype"), dtype)?;
-            if let Some(mapping) = &self.mapping {
-                let archive = self.archive(py);
-                let rec = &archive.archive.records()[record];
-                // Zero-copy only for records on torch's 64-byte alignment: anything else
-                // (archives re-zipped without padding) is copied to aligned memory.
-                let plain = rec.compression == Compression::Stored
-                    && swap <= 1
-                    && rec.data_offset % 64 == 0;
-                if plain {
-                    kwargs.set_item(intern!(py, "count"), numel)?;
-                    kwargs.set_item(intern!(py, "offset"), rec.data_offset)?;
-                    let t =
-                        self.torch
-                            .frombuffer
-                            .call(py, (mapping.clone_ref(py),), Some(&kwargs))?;
-                    if size.len() != 1 || size[0] != numel || stride[0] != 1 {
-                        t.call_method1(py, intern!(py, "as_strided_"), (size_obj, stride_obj, 0))?;
-                    }
-                    pending.borrow_mut().first = Some(t.clone_ref(py));
-                    return Ok(t);
+            && is_dense(size, stride, numel);
+        let t = if !p.has_memory() && dense {
+            self.fresh_tensor(py, p, dtype, v, numel, swap)?
+        } else {
+            None
+        };
+        let t = match t {
+            Some(t) => t,
+            None => {
+                if !p.has_memory() {
+                    // Fix the swap width to this tensor's dtype before the storage is created.
+                    p.swap = swap;
                 }
-            } else {
-                let t = self
-                    .torch
-                    .empty_strided
-                    .call(py, (size_obj, stride_obj), Some(&kwargs))?;
-                let ptr: usize = t.call_method0(py, intern!(py, "data_ptr"))?.extract(py)?;
-                self.jobs.push((record, ptr, nbytes, swap));
-                self.keepalive.push(t.clone_ref(py));
-                pending.borrow_mut().first = Some(t.clone_ref(py));
-                return Ok(t);
+                let storage = self.storage_of(py, p)?;
+                let kwargs = PyDict::new(py);
+                kwargs.set_item(intern!(py, "dtype"), dtype)?;
+                let t = self.torch.empty.call(py, ((0,),), Some(&kwargs))?;
+                t.call_method1(
+                    py,
+                    intern!(py, "set_"),
+                    (storage, off, PyTuple::new(py, size)?, PyTuple::new(py, stride)?),
+                )?
             }
-        }
-        if !has_storage {
-            // Fix the swap width to this tensor's dtype before the storage is created.
-            pending.borrow_mut().swap = swap;
-        }
-        let storage = self.storage_of(py, pending)?;
-        let kwargs = PyDict::new(py);
-        kwargs.set_item(intern!(py, "dtype"), dtype)?;
-        let t = self.torch.empty.call(py, ((0,),), Some(&kwargs))?;
-        t.call_method1(
-            py,
-            intern!(py, "set_"),
-            (storage, offset, size_obj, stride_obj),
-        )
+        };
+        self.finish_tensor(py, t, extras).map(Some)
     }
 
-    fn finish_tensor(
-        &self,
+    /// A tensor owning the whole (untouched) storage: a view of the mapped file, or new
+    /// memory whose read is queued. `None` when the mapped record cannot be viewed.
+    fn fresh_tensor(
+        &mut self,
         py: Python<'_>,
-        t: Py<PyAny>,
-        requires_grad: &Bound<'_, PyAny>,
-        hooks: &Bound<'_, PyAny>,
-        metadata: Option<&Bound<'_, PyAny>>,
-    ) -> PyResult<Py<PyAny>> {
-        if requires_grad.is_truthy()? {
+        p: &mut Slot,
+        dtype: &Bound<'_, PyAny>,
+        v: &View<'_>,
+        numel: i64,
+        swap: usize,
+    ) -> PyResult<Option<Py<PyAny>>> {
+        if let Some(mapping) = &self.mapping {
+            let archive = self.archive(py);
+            let rec = &archive.archive.records()[p.record];
+            // Zero-copy only for records on torch's 64-byte alignment: anything else
+            // (archives re-zipped without padding) is copied to aligned memory.
+            let plain =
+                rec.compression == Compression::Stored && swap <= 1 && rec.data_offset % 64 == 0;
+            if !plain {
+                return Ok(None);
+            }
+            let kwargs = PyDict::new(py);
+            kwargs.set_item(intern!(py, "dtype"), dtype)?;
+            kwargs.set_item(intern!(py, "count"), numel)?;
+            kwargs.set_item(intern!(py, "offset"), rec.data_offset)?;
+            let t = self
+                .torch
+                .frombuffer
+                .call(py, (mapping.clone_ref(py),), Some(&kwargs))?;
+            if v.size.len() != 1 || v.size[0] != numel || v.stride[0] != 1 {
+                t.call_method1(
+                    py,
+                    intern!(py, "as_strided_"),
+                    (PyTuple::new(py, v.size)?, PyTuple::new(py, v.stride)?, 0),
+                )?;
+            }
+            p.first = Some(t.clone_ref(py));
+            return Ok(Some(t));
+        }
+        // Tensors of a layout seen before are made with `empty_like` on the previous
+        // one, which skips parsing sizes and keywords (most of the cost of a small
+        // tensor); for a dense tensor it keeps the exact strides.
+        let key = &mut self.scratch;
+        key.clear();
+        key.push(dtype.as_ptr() as i64);
+        key.push(v.size.len() as i64);
+        key.extend_from_slice(v.size);
+        key.extend_from_slice(v.stride);
+        let t = match self.templates.get(key.as_slice()) {
+            Some(prev) => self.torch.empty_like.call1(py, (prev,))?,
+            None => {
+                let kwargs = PyDict::new(py);
+                kwargs.set_item(intern!(py, "dtype"), dtype)?;
+                let t = self.torch.empty_strided.call(
+                    py,
+                    (PyTuple::new(py, v.size)?, PyTuple::new(py, v.stride)?),
+                    Some(&kwargs),
+                )?;
+                self.templates.insert(key.clone(), t.clone_ref(py));
+                t
+            }
+        };
+        let ptr: usize = t.call_method0(py, intern!(py, "data_ptr"))?.extract(py)?;
+        self.jobs.push((p.record, ptr, p.nbytes, swap));
+        self.keepalive.push(t.clone_ref(py));
+        p.first = Some(t.clone_ref(py));
+        Ok(Some(t))
+    }
+
+    fn finish_tensor(&self, py: Python<'_>, t: Py<PyAny>, e: &Extras<'_, '_>) -> PyResult<Py<PyAny>> {
+        if e.requires_grad {
             t.setattr(py, intern!(py, "requires_grad"), true)?;
         }
-        if let Some(m) = metadata {
+        if let Some(m) = e.metadata {
             if m.is_truthy()? {
                 self.torch
                     .set_tensor_metadata
                     .call1(py, (t.clone_ref(py), m))?;
             }
         }
-        if !hooks.is_none() && hooks.is_truthy()? {
-            t.setattr(py, intern!(py, "_backward_hooks"), hooks)?;
+        if let Some(hooks) = e.hooks {
+            if !hooks.is_none() && hooks.is_truthy()? {
+                t.setattr(py, intern!(py, "_backward_hooks"), hooks)?;
+            }
         }
         Ok(t)
+    }
+
+    /// `rebuild_tensor_v2/v3` with Python arguments, on a pending storage.
+    #[allow(clippy::too_many_arguments)]
+    fn rebuild_pending(
+        &mut self,
+        py: Python<'_>,
+        pending: &Bound<'_, PendingStorage>,
+        dtype: Option<&Bound<'_, PyAny>>,
+        offset: &Bound<'_, PyAny>,
+        size: &Bound<'_, PyAny>,
+        stride: &Bound<'_, PyAny>,
+        requires_grad: &Bound<'_, PyAny>,
+        hooks: &Bound<'_, PyAny>,
+        metadata: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Option<Py<PyAny>>> {
+        let mut p = pending.borrow_mut();
+        let dtype = match dtype {
+            Some(d) => d.clone(),
+            None => p.slot.dtype.bind(py).clone(),
+        };
+        let (Some(size_v), Some(stride_v), Ok(off)) =
+            (int_list(size), int_list(stride), offset.extract::<i64>())
+        else {
+            let record = p.slot.record;
+            return Err(self.view_error(
+                py,
+                record,
+                format!("invalid tensor view (offset {offset}, size {size}, stride {stride})"),
+            ));
+        };
+        let view = View {
+            offset: off,
+            size: &size_v,
+            stride: &stride_v,
+        };
+        let extras = Extras {
+            requires_grad: requires_grad.is_truthy()?,
+            hooks: Some(hooks),
+            metadata,
+        };
+        let t = self.build(py, &mut p.slot, &dtype, &view, &extras)?;
+        self.consumed += usize::from(t.is_some());
+        Ok(t)
+    }
+
+    /// The fast path of persistent_load; `None` hands the id to the Python loader.
+    fn try_pending(
+        &mut self,
+        py: Python<'_>,
+        saved_id: &Bound<'_, PyAny>,
+    ) -> PyResult<Option<Py<PyAny>>> {
+        let Ok(t) = saved_id.downcast::<PyTuple>() else {
+            return Ok(None);
+        };
+        if t.len() != 5 {
+            return Ok(None);
+        }
+        let key_obj = t.get_item(2)?;
+        if let Ok(key) = key_obj.downcast::<PyString>() {
+            if let Some(slot) = self.slots.get(key.to_str()?) {
+                let slot = slot.clone_ref(py);
+                self.produced += 1;
+                return Ok(Some(slot));
+            }
+        }
+        let items: Vec<Bound<'_, PyAny>> = t.iter().collect();
+        let parts = [&items[0], &items[1], &items[2], &items[3], &items[4]];
+        let Some((key, slot)) = self.new_slot(py, parts)? else {
+            return Ok(None);
+        };
+        let pending = Py::new(py, PendingStorage { slot })?.into_any();
+        self.slots.insert(key.into(), pending.clone_ref(py));
+        self.produced += 1;
+        Ok(Some(pending))
     }
 }
 
@@ -334,7 +565,6 @@ impl TensorFactory {
     #[pyo3(signature = (archive, *, swap, all_cpu, verify, mapping, torch_fns, sizes, fallbacks))]
     #[allow(clippy::too_many_arguments)]
     fn new(
-        py: Python<'_>,
         archive: Py<PyArchive>,
         swap: bool,
         all_cpu: bool,
@@ -349,34 +579,38 @@ impl TensorFactory {
                 .map(|v| v.unbind())
                 .ok_or_else(|| PyRuntimeError::new_err(format!("TensorFactory needs '{k}'")))
         };
-        let mut records = HashMap::new();
+        let mut records = FxHashMap::default();
         {
             let a = archive.get();
-            let plen = a.archive.prefix().len() + 1;
+            let prefix = a.archive.prefix();
             for (i, r) in a.archive.records().iter().enumerate() {
-                if let Some(key) = r.name.get(plen..).and_then(|n| n.strip_prefix("data/")) {
-                    if r.name.as_bytes().get(plen - 1) == Some(&b'/')
-                        && r.name.starts_with(a.archive.prefix())
-                    {
-                        records.insert(key.to_string(), (i, r.size));
-                    }
+                let key = r
+                    .name
+                    .strip_prefix(prefix)
+                    .and_then(|n| n.strip_prefix("/data/"));
+                if let Some(key) = key {
+                    records.insert(key.into(), (i, r.size));
                 }
             }
         }
         let torch = Torch {
             empty_strided: get(torch_fns, "empty_strided")?,
+            empty_like: get(torch_fns, "empty_like")?,
             empty: get(torch_fns, "empty")?,
             untyped_storage: get(torch_fns, "UntypedStorage")?,
             frombuffer: get(torch_fns, "frombuffer")?,
             set_tensor_metadata: get(torch_fns, "set_tensor_metadata")?,
         };
-        let _ = py;
         Ok(TensorFactory {
             archive,
             records,
-            slots: HashMap::new(),
+            slots: FxHashMap::default(),
             jobs: Vec::new(),
             keepalive: Vec::new(),
+            templates: FxHashMap::default(),
+            scratch: Vec::new(),
+            dtypes: Vec::new(),
+            storage_types: Vec::new(),
             produced: 0,
             consumed: 0,
             swap,
@@ -424,20 +658,17 @@ impl TensorFactory {
         backward_hooks: &Bound<'_, PyAny>,
         metadata: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Py<PyAny>> {
-        let Ok(pending) = storage.downcast::<PendingStorage>() else {
-            let args = [
-                storage,
-                storage_offset,
-                size,
-                stride,
-                requires_grad,
-                backward_hooks,
-            ];
-            return call_with(py, &self.py_rebuild_v2, &args, metadata);
-        };
-        let dtype = pending.borrow().dtype.clone_ref(py);
-        let t = self.build(py, pending, dtype.bind(py), storage_offset, size, stride)?;
-        self.finish_tensor(py, t, requires_grad, backward_hooks, metadata)
+        if let Ok(pending) = storage.downcast::<PendingStorage>() {
+            let t = self.rebuild_pending(
+                py, pending, None, storage_offset, size, stride, requires_grad, backward_hooks,
+                metadata,
+            )?;
+            if let Some(t) = t {
+                return Ok(t);
+            }
+        }
+        let args = [storage, storage_offset, size, stride, requires_grad, backward_hooks];
+        call_with(py, &self.py_rebuild_v2, &args, metadata)
     }
 
     #[pyo3(signature = (storage, storage_offset, size, stride, requires_grad, backward_hooks, dtype, metadata=None))]
@@ -454,29 +685,63 @@ impl TensorFactory {
         dtype: &Bound<'_, PyAny>,
         metadata: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Py<PyAny>> {
-        let pending = match storage.downcast::<PendingStorage>() {
-            Ok(p) if self.sizes.bind(py).contains(dtype)? => p,
-            _ => {
-                let args = [
-                    storage,
-                    storage_offset,
-                    size,
-                    stride,
-                    requires_grad,
-                    backward_hooks,
-                    dtype,
-                ];
-                return call_with(py, &self.py_rebuild_v3, &args, metadata);
+        if let Ok(pending) = storage.downcast::<PendingStorage>() {
+            let t = self.rebuild_pending(
+                py, pending, Some(dtype), storage_offset, size, stride, requires_grad,
+                backward_hooks, metadata,
+            )?;
+            if let Some(t) = t {
+                return Ok(t);
             }
+        }
+        let args = [storage, storage_offset, size, stride, requires_grad, backward_hooks, dtype];
+        call_with(py, &self.py_rebuild_v3, &args, metadata)
+    }
+
+    /// Runs a state-dict pickle natively (`unpickle::run`). Returns `(True, result)`,
+    /// or `(False, None)` when the pickle needs the ordinary unpickler: then this
+    /// factory must be discarded, as it may hold storages of a half-run pickle.
+    /// `objects` maps each `(module, name)` the pickle imports to what the loader's
+    /// `find_class` resolved; `natives` maps the tensor rebuild functions to 2 or 3.
+    fn unpickle(
+        &mut self,
+        py: Python<'_>,
+        data: &[u8],
+        objects: &Bound<'_, PyDict>,
+        natives: &Bound<'_, PyDict>,
+        ordered_dict: Py<PyAny>,
+    ) -> PyResult<(bool, Py<PyAny>)> {
+        let mut globals = unpickle::Globals {
+            objects: FxHashMap::default(),
+            natives: FxHashMap::default(),
+            ordered_dict,
         };
-        let t = self.build(py, pending, dtype, storage_offset, size, stride)?;
-        self.finish_tensor(py, t, requires_grad, backward_hooks, metadata)
+        for (k, v) in objects.iter() {
+            globals.objects.insert(k.extract()?, v.unbind());
+        }
+        for (k, v) in natives.iter() {
+            let kind = match v.extract::<u8>()? {
+                2 => unpickle::Native::RebuildV2,
+                3 => unpickle::Native::RebuildV3,
+                other => {
+                    return Err(PyRuntimeError::new_err(format!(
+                        "unknown rebuild version {other}"
+                    )))
+                }
+            };
+            globals.natives.insert(k.extract()?, kind);
+        }
+        Ok(match unpickle::run(py, self, data, &globals)? {
+            unpickle::Outcome::Done(v) => (true, v),
+            unpickle::Outcome::Unsupported => (false, py.None()),
+        })
     }
 
     /// Reads every queued storage (GIL released, several threads) and lets go of
     /// the references that kept their memory alive.
     fn finish(&mut self, py: Python<'_>) -> PyResult<()> {
         let jobs = std::mem::take(&mut self.jobs);
+        self.templates.clear();
         let archive = self.archive.get();
         let records = archive.archive.records();
         let verify = self.verify;
@@ -496,91 +761,5 @@ impl TensorFactory {
         });
         self.keepalive.clear();
         result.map_err(at(&archive.file))
-    }
-}
-
-impl TensorFactory {
-    /// The fast path of persistent_load; `None` hands the id to the Python loader.
-    fn try_pending(
-        &mut self,
-        py: Python<'_>,
-        saved_id: &Bound<'_, PyAny>,
-    ) -> PyResult<Option<Py<PyAny>>> {
-        let Ok(t) = saved_id.downcast::<PyTuple>() else {
-            return Ok(None);
-        };
-        if t.len() != 5 {
-            return Ok(None);
-        }
-        let typename = t.get_item(0)?;
-        let is_storage = if let Ok(s) = typename.downcast::<PyString>() {
-            s.to_str()? == "storage"
-        } else if let Ok(b) = typename.downcast::<PyBytes>() {
-            b.as_bytes() == b"storage"
-        } else {
-            false
-        };
-        if !is_storage {
-            return Ok(None);
-        }
-        let key_obj = t.get_item(2)?;
-        let Ok(key) = key_obj.downcast::<PyString>() else {
-            return Ok(None);
-        };
-        let key = key.to_str()?;
-        if let Some(slot) = self.slots.get(key) {
-            if slot.bind(py).is_instance_of::<PendingStorage>() {
-                self.produced += 1;
-                return Ok(Some(slot.clone_ref(py)));
-            }
-            return Ok(None);
-        }
-        let location = t.get_item(3)?;
-        let on_cpu = self.all_cpu
-            || location
-                .downcast::<PyString>()
-                .map(|s| s.to_str().map(|l| l == "cpu").unwrap_or(false))
-                .unwrap_or(false)
-            || location
-                .downcast::<PyBytes>()
-                .map(|b| b.as_bytes() == b"cpu")
-                .unwrap_or(false);
-        if !on_cpu {
-            return Ok(None);
-        }
-        let storage_type = t.get_item(1)?;
-        let dtype = if storage_type.is(self.untyped_cls.bind(py)) {
-            self.uint8.clone_ref(py)
-        } else {
-            match storage_type.getattr(intern!(py, "dtype")) {
-                Ok(d) if self.sizes.bind(py).contains(&d)? => d.unbind(),
-                _ => return Ok(None),
-            }
-        };
-        let Ok(numel) = t.get_item(4)?.extract::<u64>() else {
-            return Ok(None);
-        };
-        let Some(&(record, size)) = self.records.get(key) else {
-            return Ok(None);
-        };
-        let (itemsize, swap_size) = self.sizes_of(py, dtype.bind(py))?;
-        if numel.checked_mul(itemsize as u64) != Some(size) {
-            return Ok(None); // the Python loader raises the precise error
-        }
-        let pending = Py::new(
-            py,
-            PendingStorage {
-                record,
-                dtype,
-                nbytes: size as usize,
-                swap: if self.swap { swap_size } else { 0 },
-                storage: None,
-                first: None,
-            },
-        )?
-        .into_any();
-        self.slots.insert(key.to_string(), pending.clone_ref(py));
-        self.produced += 1;
-        Ok(Some(pending))
     }
 }

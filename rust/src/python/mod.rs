@@ -6,6 +6,7 @@ mod errors;
 mod factory;
 mod pickling;
 mod reader;
+mod unpickle;
 mod writer;
 
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -1,0 +1,595 @@
+//! A native unpickler for the pickles state dicts are made of.
+//!
+//! `torch.save(model.state_dict())` writes a protocol-2 pickle of dicts, strings,
+//! numbers, tuples and one `_rebuild_tensor_v2` call per tensor. Python's unpickler
+//! spends most of a small tensor's time on that call: a `persistent_load` call, five
+//! argument tuples, an empty `OrderedDict` of backward hooks, and the rebuild call.
+//! This machine runs the same opcodes natively. Tuples and empty `OrderedDict`s stay
+//! Rust values until something needs them as Python objects (shared through an `Rc`,
+//! so every reference to one memoized value gets the same object), storages are
+//! factory slots, and a rebuild reads its arguments straight from those values.
+//!
+//! It implements a subset of pickle exactly as CPython's `_pickle` does, and gives up
+//! (`Outcome::Unsupported`) on anything outside it: an opcode it does not know, a
+//! malformed or truncated stream, a value of an unexpected type, a storage used other
+//! than by a tensor rebuild. The caller then runs the ordinary unpickler from the
+//! start, so every error and every rare case keeps its single definition there.
+//! Globals are resolved by the caller (its `find_class`, with the weights-only policy)
+//! before this runs; the machine only looks them up.
+
+use std::cell::OnceCell;
+use std::rc::Rc;
+
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict, PyFloat, PyList, PyString, PyTuple};
+use rustc_hash::FxHashMap;
+
+use super::errors::CheckpointError;
+use super::factory::{Extras, Slot, TensorFactory, View};
+
+/// The tensor rebuild functions, which run natively and so have no object here.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Native {
+    RebuildV2,
+    RebuildV3,
+}
+
+/// A tuple not yet made into a Python object.
+struct LazyTuple {
+    items: Vec<Value>,
+    obj: OnceCell<Py<PyAny>>,
+}
+
+enum Value {
+    Obj(Py<PyAny>),
+    Native(Native),
+    Int(i64),
+    Tuple(Rc<LazyTuple>),
+    /// `OrderedDict()`: what torch pickles as each tensor's backward hooks.
+    EmptyOrderedDict(Rc<OnceCell<Py<PyAny>>>),
+    /// A storage: an index into the machine's slots.
+    Storage(usize),
+}
+
+impl Value {
+    fn clone_ref(&self, py: Python<'_>) -> Value {
+        match self {
+            Value::Obj(o) => Value::Obj(o.clone_ref(py)),
+            Value::Native(n) => Value::Native(*n),
+            Value::Int(i) => Value::Int(*i),
+            Value::Tuple(t) => Value::Tuple(t.clone()),
+            Value::EmptyOrderedDict(c) => Value::EmptyOrderedDict(c.clone()),
+            Value::Storage(s) => Value::Storage(*s),
+        }
+    }
+}
+
+/// How a run ended.
+pub enum Outcome {
+    Done(Py<PyAny>),
+    /// Something this machine does not handle: run the ordinary unpickler instead.
+    Unsupported,
+}
+
+/// The globals a pickle imports, resolved ahead of time by the caller.
+pub struct Globals {
+    pub objects: FxHashMap<(String, String), Py<PyAny>>,
+    pub natives: FxHashMap<(String, String), Native>,
+    /// `collections.OrderedDict`, whose instances BUILD may set attributes on.
+    pub ordered_dict: Py<PyAny>,
+}
+
+struct Cursor<'a> {
+    data: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        let end = self.pos.checked_add(n)?;
+        let s = self.data.get(self.pos..end)?;
+        self.pos = end;
+        Some(s)
+    }
+    fn u8(&mut self) -> Option<u8> {
+        self.take(1).map(|b| b[0])
+    }
+    fn le(&mut self, n: usize) -> Option<u64> {
+        let b = self.take(n)?;
+        let mut v = [0u8; 8];
+        v[..n].copy_from_slice(b);
+        Some(u64::from_le_bytes(v))
+    }
+    fn line(&mut self) -> Option<&'a str> {
+        let rest = self.data.get(self.pos..)?;
+        let n = rest.iter().position(|&b| b == b'\n')?;
+        self.pos += n + 1;
+        std::str::from_utf8(&rest[..n]).ok()
+    }
+}
+
+/// Runs the pickle `data`, building tensors with `factory`.
+pub fn run(
+    py: Python<'_>,
+    factory: &mut TensorFactory,
+    data: &[u8],
+    globals: &Globals,
+) -> PyResult<Outcome> {
+    let mut m = Machine {
+        py,
+        cur: Cursor { data, pos: 0 },
+        stack: Vec::with_capacity(64),
+        marks: Vec::new(),
+        memo: Vec::new(),
+        slots: Vec::new(),
+        slot_keys: FxHashMap::default(),
+        globals,
+    };
+    match m.run(factory) {
+        Ok(Some(v)) => Ok(Outcome::Done(v)),
+        Ok(None) => Ok(Outcome::Unsupported),
+        // A checkpoint error (a view past its storage, say) is the same error the
+        // ordinary path would raise; anything else it reports in its own words.
+        Err(e) if e.is_instance_of::<CheckpointError>(py) => Err(e),
+        Err(_) => Ok(Outcome::Unsupported),
+    }
+}
+
+struct Machine<'py, 'a> {
+    py: Python<'py>,
+    cur: Cursor<'a>,
+    stack: Vec<Value>,
+    marks: Vec<usize>,
+    memo: Vec<Option<Value>>,
+    slots: Vec<Slot>,
+    slot_keys: FxHashMap<String, usize>,
+    globals: &'a Globals,
+}
+
+/// Gives up on the current pickle (see the module docs).
+macro_rules! bail {
+    () => {
+        return Ok(None)
+    };
+}
+
+/// Unwraps an `Option`, giving up on `None`.
+macro_rules! need {
+    ($e:expr) => {
+        match $e {
+            Some(v) => v,
+            None => return Ok(None),
+        }
+    };
+}
+
+impl<'py> Machine<'py, '_> {
+    /// The Python object for a value; `None` for values that have none (a storage or
+    /// a rebuild function outside a rebuild), which ends the run.
+    fn object(&self, v: &Value) -> PyResult<Option<Bound<'py, PyAny>>> {
+        let py = self.py;
+        Ok(Some(match v {
+            Value::Obj(o) => o.bind(py).clone(),
+            Value::Int(i) => i.into_pyobject(py)?.into_any(),
+            Value::Tuple(t) => {
+                if let Some(o) = t.obj.get() {
+                    return Ok(Some(o.bind(py).clone()));
+                }
+                let mut items = Vec::with_capacity(t.items.len());
+                for item in &t.items {
+                    items.push(need!(self.object(item)?));
+                }
+                let o = PyTuple::new(py, items)?.into_any();
+                t.obj.get_or_init(|| o.clone().unbind());
+                o
+            }
+            Value::EmptyOrderedDict(cell) => {
+                if let Some(o) = cell.get() {
+                    return Ok(Some(o.bind(py).clone()));
+                }
+                let o = self.globals.ordered_dict.bind(py).call0()?;
+                cell.get_or_init(|| o.clone().unbind());
+                o
+            }
+            Value::Native(_) | Value::Storage(_) => return Ok(None),
+        }))
+    }
+
+    /// The stack floor: the last MARK, below which nothing may be popped.
+    fn floor(&self) -> usize {
+        self.marks.last().copied().unwrap_or(0)
+    }
+
+    fn pop(&mut self) -> Option<Value> {
+        if self.stack.len() <= self.floor() {
+            return None;
+        }
+        self.stack.pop()
+    }
+
+    fn pop_obj(&mut self) -> PyResult<Option<Bound<'py, PyAny>>> {
+        let v = need!(self.pop());
+        self.object(&v)
+    }
+
+    fn top_obj(&self) -> PyResult<Option<Bound<'py, PyAny>>> {
+        if self.stack.len() <= self.floor() {
+            return Ok(None);
+        }
+        self.object(need!(self.stack.last()))
+    }
+
+    /// Pops everything above the last MARK.
+    fn pop_mark(&mut self) -> Option<Vec<Value>> {
+        let k = self.marks.pop()?;
+        Some(self.stack.split_off(k))
+    }
+
+    fn push_obj(&mut self, o: Bound<'py, PyAny>) {
+        self.stack.push(Value::Obj(o.unbind()));
+    }
+
+    fn push_tuple(&mut self, items: Vec<Value>) {
+        self.stack.push(Value::Tuple(Rc::new(LazyTuple {
+            items,
+            obj: OnceCell::new(),
+        })));
+    }
+
+    fn put(&mut self, idx: u64) -> Option<()> {
+        // Indices beyond the pickle's length cannot come from a real pickler.
+        if idx > self.cur.data.len() as u64 {
+            return None;
+        }
+        let top = self.stack.last()?.clone_ref(self.py);
+        let idx = idx as usize;
+        if self.memo.len() <= idx {
+            self.memo.resize_with(idx + 1, || None);
+        }
+        self.memo[idx] = Some(top);
+        Some(())
+    }
+
+    fn get(&mut self, idx: u64) -> Option<()> {
+        let v = self.memo.get(usize::try_from(idx).ok()?)?.as_ref()?.clone_ref(self.py);
+        self.stack.push(v);
+        Some(())
+    }
+
+    fn tuple(&mut self, n: usize) -> Option<()> {
+        if self.stack.len() < self.floor() + n {
+            return None;
+        }
+        let items = self.stack.split_off(self.stack.len() - n);
+        self.push_tuple(items);
+        Some(())
+    }
+
+    fn string(&mut self, n: usize) -> Option<()> {
+        let b = self.cur.take(n)?;
+        // Python's unpickler decodes with 'surrogatepass'; plain UTF-8 covers real
+        // state dicts, and anything else goes to it.
+        let s = std::str::from_utf8(b).ok()?;
+        self.push_obj(PyString::new(self.py, s).into_any());
+        Some(())
+    }
+
+    fn global(&mut self, module: String, name: String) -> Option<()> {
+        let key = (module, name);
+        if let Some(&n) = self.globals.natives.get(&key) {
+            self.stack.push(Value::Native(n));
+        } else {
+            let o = self.globals.objects.get(&key)?;
+            self.stack.push(Value::Obj(o.clone_ref(self.py)));
+        }
+        Some(())
+    }
+
+    fn run(&mut self, factory: &mut TensorFactory) -> PyResult<Option<Py<PyAny>>> {
+        let py = self.py;
+        loop {
+            let op = need!(self.cur.u8());
+            match op {
+                0x80 => {
+                    // PROTO
+                    if need!(self.cur.u8()) > 5 {
+                        bail!();
+                    }
+                }
+                0x95 => {
+                    // FRAME: a length prefix only
+                    need!(self.cur.take(8));
+                }
+                b'.' => {
+                    // STOP
+                    let v = need!(self.pop_obj()?);
+                    return Ok(Some(v.unbind()));
+                }
+                b'(' => self.marks.push(self.stack.len()),
+                b'}' => self.push_obj(PyDict::new(py).into_any()),
+                b']' => self.push_obj(PyList::empty(py).into_any()),
+                b')' => self.push_tuple(Vec::new()),
+                b'N' => self.push_obj(py.None().into_bound(py)),
+                0x88 => self.push_obj(true.into_pyobject(py)?.to_owned().into_any()),
+                0x89 => self.push_obj(false.into_pyobject(py)?.to_owned().into_any()),
+                b't' => {
+                    let items = need!(self.pop_mark());
+                    self.push_tuple(items);
+                }
+                0x85 => need!(self.tuple(1)),
+                0x86 => need!(self.tuple(2)),
+                0x87 => need!(self.tuple(3)),
+                b'q' => {
+                    let i = need!(self.cur.le(1));
+                    need!(self.put(i));
+                }
+                b'r' => {
+                    let i = need!(self.cur.le(4));
+                    need!(self.put(i));
+                }
+                0x94 => {
+                    let i = self.memo.len() as u64;
+                    need!(self.put(i));
+                }
+                b'h' => {
+                    let i = need!(self.cur.le(1));
+                    need!(self.get(i));
+                }
+                b'j' => {
+                    let i = need!(self.cur.le(4));
+                    need!(self.get(i));
+                }
+                0x8c => {
+                    let n = need!(self.cur.le(1)) as usize;
+                    need!(self.string(n));
+                }
+                b'X' => {
+                    let n = need!(self.cur.le(4)) as usize;
+                    need!(self.string(n));
+                }
+                0x8d => {
+                    let n = need!(usize::try_from(need!(self.cur.le(8))).ok());
+                    need!(self.string(n));
+                }
+                b'C' | b'B' | 0x8e => {
+                    // SHORT_BINBYTES, BINBYTES, BINBYTES8
+                    let width = match op {
+                        b'C' => 1,
+                        b'B' => 4,
+                        _ => 8,
+                    };
+                    let n = need!(usize::try_from(need!(self.cur.le(width))).ok());
+                    let b = need!(self.cur.take(n));
+                    self.push_obj(PyBytes::new(py, b).into_any());
+                }
+                b'K' => {
+                    let v = need!(self.cur.le(1)) as i64;
+                    self.stack.push(Value::Int(v));
+                }
+                b'M' => {
+                    let v = need!(self.cur.le(2)) as i64;
+                    self.stack.push(Value::Int(v));
+                }
+                b'J' => {
+                    let v = need!(self.cur.le(4)) as u32 as i32 as i64;
+                    self.stack.push(Value::Int(v));
+                }
+                0x8a => {
+                    // LONG1: little-endian two's complement, up to 8 bytes here
+                    let n = need!(self.cur.u8()) as usize;
+                    if n > 8 {
+                        bail!();
+                    }
+                    let b = need!(self.cur.take(n));
+                    let mut v = [0u8; 8];
+                    v[..n].copy_from_slice(b);
+                    if n > 0 && n < 8 && b[n - 1] & 0x80 != 0 {
+                        v[n..].fill(0xff);
+                    }
+                    self.stack.push(Value::Int(i64::from_le_bytes(v)));
+                }
+                b'G' => {
+                    let b = need!(self.cur.take(8));
+                    let v = f64::from_be_bytes(b.try_into().expect("8 bytes"));
+                    self.push_obj(PyFloat::new(py, v).into_any());
+                }
+                b's' => {
+                    let v = need!(self.pop_obj()?);
+                    let k = need!(self.pop_obj()?);
+                    need!(self.top_obj()?).set_item(k, v)?;
+                }
+                b'u' => {
+                    let items = need!(self.pop_mark());
+                    if items.len() % 2 != 0 {
+                        bail!();
+                    }
+                    let d = need!(self.top_obj()?);
+                    for kv in items.chunks_exact(2) {
+                        let k = need!(self.object(&kv[0])?);
+                        let v = need!(self.object(&kv[1])?);
+                        d.set_item(k, v)?;
+                    }
+                }
+                b'a' => {
+                    let v = need!(self.pop_obj()?);
+                    let l = need!(self.top_obj()?);
+                    need!(l.downcast_exact::<PyList>().ok()).append(v)?;
+                }
+                b'e' => {
+                    let items = need!(self.pop_mark());
+                    let l = need!(self.top_obj()?);
+                    let l = need!(l.downcast_exact::<PyList>().ok());
+                    for v in &items {
+                        l.append(need!(self.object(v)?))?;
+                    }
+                }
+                b'c' => {
+                    let module = need!(self.cur.line()).to_string();
+                    let name = need!(self.cur.line()).to_string();
+                    need!(self.global(module, name));
+                }
+                0x93 => {
+                    // STACK_GLOBAL
+                    let name = need!(self.pop_obj()?);
+                    let module = need!(self.pop_obj()?);
+                    let name = need!(name.downcast::<PyString>().ok()).to_str()?.to_string();
+                    let module = need!(module.downcast::<PyString>().ok()).to_str()?.to_string();
+                    need!(self.global(module, name));
+                }
+                b'Q' => {
+                    // BINPERSID
+                    let pid = need!(self.pop());
+                    let slot = need!(self.storage(factory, &pid)?);
+                    self.stack.push(Value::Storage(slot));
+                }
+                b'R' => {
+                    let args = need!(self.pop());
+                    let callable = need!(self.pop());
+                    let result = need!(self.reduce(factory, callable, args)?);
+                    self.stack.push(result);
+                }
+                b'b' => {
+                    // BUILD: only attribute state on an OrderedDict (a state dict's
+                    // `_metadata`), set through its __dict__ as `_pickle` does.
+                    let state = need!(self.pop_obj()?);
+                    let inst = need!(self.top_obj()?);
+                    if !inst.get_type().is(self.globals.ordered_dict.bind(py)) {
+                        bail!();
+                    }
+                    let state = need!(state.downcast_exact::<PyDict>().ok()).clone();
+                    if inst.hasattr(pyo3::intern!(py, "__setstate__"))? {
+                        bail!();
+                    }
+                    let dict = inst.getattr(pyo3::intern!(py, "__dict__"))?;
+                    for (k, v) in state.iter() {
+                        dict.set_item(k, v)?;
+                    }
+                }
+                _ => bail!(),
+            }
+        }
+    }
+
+    /// BINPERSID: the factory slot for `('storage', type, key, location, numel)`,
+    /// shared by every id with the same key (as torch's loader shares storages).
+    fn storage(&mut self, factory: &mut TensorFactory, pid: &Value) -> PyResult<Option<usize>> {
+        let Value::Tuple(t) = pid else {
+            return Ok(None);
+        };
+        if t.items.len() != 5 {
+            return Ok(None);
+        }
+        let mut parts = Vec::with_capacity(5);
+        for item in &t.items {
+            parts.push(need!(self.object(item)?));
+        }
+        if let Ok(key) = parts[2].downcast::<PyString>() {
+            if let Some(&i) = self.slot_keys.get(key.to_str()?) {
+                return Ok(Some(i));
+            }
+        }
+        let parts = [&parts[0], &parts[1], &parts[2], &parts[3], &parts[4]];
+        let Some((key, slot)) = factory.new_slot(self.py, parts)? else {
+            return Ok(None);
+        };
+        self.slots.push(slot);
+        self.slot_keys.insert(key, self.slots.len() - 1);
+        Ok(Some(self.slots.len() - 1))
+    }
+
+    /// REDUCE: a tensor rebuild natively, `OrderedDict()` lazily, other callables
+    /// (the caller's resolved globals) through Python.
+    fn reduce(
+        &mut self,
+        factory: &mut TensorFactory,
+        callable: Value,
+        args: Value,
+    ) -> PyResult<Option<Value>> {
+        let py = self.py;
+        match callable {
+            Value::Native(kind) => {
+                let Value::Tuple(args) = args else {
+                    return Ok(None);
+                };
+                let t = need!(self.rebuild(factory, kind, &args.items)?);
+                Ok(Some(Value::Obj(t)))
+            }
+            Value::Obj(f) => {
+                let f = f.into_bound(py);
+                let empty = matches!(&args, Value::Tuple(t) if t.items.is_empty());
+                if empty && f.is(self.globals.ordered_dict.bind(py)) {
+                    return Ok(Some(Value::EmptyOrderedDict(Rc::new(OnceCell::new()))));
+                }
+                let args = need!(self.object(&args)?);
+                let args = need!(args.downcast_exact::<PyTuple>().ok()).clone();
+                Ok(Some(Value::Obj(f.call1(args)?.unbind())))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// `_rebuild_tensor_v2(storage, offset, size, stride, requires_grad, hooks[, metadata])`
+    /// or v3 (with a dtype before the metadata), on a factory slot.
+    fn rebuild(
+        &mut self,
+        factory: &mut TensorFactory,
+        kind: Native,
+        a: &[Value],
+    ) -> PyResult<Option<Py<PyAny>>> {
+        let fixed = match kind {
+            Native::RebuildV2 => 6,
+            Native::RebuildV3 => 7,
+        };
+        if a.len() != fixed && a.len() != fixed + 1 {
+            return Ok(None);
+        }
+        let Value::Storage(slot) = a[0] else {
+            return Ok(None);
+        };
+        let Value::Int(offset) = a[1] else {
+            return Ok(None);
+        };
+        let (Some(size), Some(stride)) = (ints(&a[2]), ints(&a[3])) else {
+            return Ok(None);
+        };
+        let requires_grad = need!(self.object(&a[4])?).is_truthy()?;
+        // An empty OrderedDict of hooks that nothing else took is never made.
+        let hooks = match &a[5] {
+            Value::EmptyOrderedDict(cell) if cell.get().is_none() => None,
+            v => Some(need!(self.object(v)?)),
+        };
+        let dtype = match kind {
+            Native::RebuildV3 => need!(self.object(&a[6])?),
+            Native::RebuildV2 => self.slots[slot].dtype(self.py),
+        };
+        let metadata = match a.get(fixed) {
+            Some(v) => Some(need!(self.object(v)?)),
+            None => None,
+        };
+        let view = View {
+            offset,
+            size: &size,
+            stride: &stride,
+        };
+        let extras = Extras {
+            requires_grad,
+            hooks: hooks.as_ref(),
+            metadata: metadata.as_ref(),
+        };
+        factory.build(self.py, &mut self.slots[slot], &dtype, &view, &extras)
+    }
+}
+
+/// A tuple of small ints (a size or stride) as a vector.
+fn ints(v: &Value) -> Option<Vec<i64>> {
+    let Value::Tuple(t) = v else {
+        return None;
+    };
+    t.items
+        .iter()
+        .map(|i| match i {
+            Value::Int(n) => Some(*n),
+            _ => None,
+        })
+        .collect()
+}

@@ -3,7 +3,7 @@
 //! decompressed. Every offset and size is checked against the source's length before
 //! it is used, so a malformed archive is an `Error`, never a panic or a wild read.
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap;
 use std::fs::File;
 use std::io::{self, Read};
 use std::os::unix::fs::FileExt;
@@ -107,7 +107,7 @@ pub struct Archive {
     source: Box<dyn Source>,
     records: Vec<Record>,
     /// Record index by name *without* the top folder (e.g. `data/0`).
-    by_name: HashMap<String, usize>,
+    by_name: FxHashMap<String, usize>,
     prefix: String,
 }
 
@@ -361,7 +361,7 @@ impl Archive {
                 )))
             }
         };
-        let mut by_name = HashMap::with_capacity(records.len());
+        let mut by_name = FxHashMap::with_capacity_and_hasher(records.len(), Default::default());
         let plen = prefix.len() + 1;
         for (i, r) in records.iter().enumerate() {
             if r.name.len() > plen
@@ -395,6 +395,11 @@ impl Archive {
     /// Looks a record up by its name inside the top folder (`data.pkl`, `data/3`).
     pub fn get(&self, name: &str) -> Option<&Record> {
         self.by_name.get(name).map(|&i| &self.records[i])
+    }
+
+    /// The index in `records()` of the record named `name` inside the top folder.
+    pub fn index_of(&self, name: &str) -> Option<usize> {
+        self.by_name.get(name).copied()
     }
 
     pub fn require(&self, name: &str) -> Result<&Record> {
@@ -597,9 +602,10 @@ impl Archive {
         if self.source.as_slice().is_some() {
             return pieces.into_iter().map(Work::One).collect();
         }
-        let (mut small, big): (Vec<Piece<'a>>, Vec<Piece<'a>>) = pieces.into_iter().partition(|p| {
-            p.whole && p.record.compression == Compression::Stored && p.dst.len() <= SMALL
-        });
+        let (mut small, big): (Vec<Piece<'a>>, Vec<Piece<'a>>) =
+            pieces.into_iter().partition(|p| {
+                p.whole && p.record.compression == Compression::Stored && p.dst.len() <= SMALL
+            });
         let mut work: Vec<Work<'a>> = big.into_iter().map(Work::One).collect();
         small.sort_by_key(|p| p.record.data_offset);
         let mut group: Vec<Piece<'a>> = Vec::new();
@@ -611,7 +617,11 @@ impl Archive {
                 && off - end <= GAP
                 && (off + len).saturating_sub(start) <= SPAN;
             if !fits && !group.is_empty() {
-                work.push(Work::Group { start, end, pieces: std::mem::take(&mut group) });
+                work.push(Work::Group {
+                    start,
+                    end,
+                    pieces: std::mem::take(&mut group),
+                });
             }
             if group.is_empty() {
                 start = off;
@@ -620,7 +630,11 @@ impl Archive {
             group.push(p);
         }
         if !group.is_empty() {
-            work.push(Work::Group { start, end, pieces: group });
+            work.push(Work::Group {
+                start,
+                end,
+                pieces: group,
+            });
         }
         work
     }
@@ -629,7 +643,9 @@ impl Archive {
         let (start, end, pieces) = match w {
             Work::One(p) => return self.read_piece(p, verify_crc),
             Work::Group { pieces, .. } if pieces.len() == 1 => {
-                return pieces.into_iter().try_for_each(|p| self.read_piece(p, verify_crc));
+                return pieces
+                    .into_iter()
+                    .try_for_each(|p| self.read_piece(p, verify_crc));
             }
             Work::Group { start, end, pieces } => (start, end, pieces),
         };
@@ -638,7 +654,9 @@ impl Archive {
         scratch.resize(span, 0);
         if self.source.read_exact_at(scratch, start).is_err() {
             // Read them one by one, so the error names the record that failed.
-            return pieces.into_iter().try_for_each(|p| self.read_piece(p, verify_crc));
+            return pieces
+                .into_iter()
+                .try_for_each(|p| self.read_piece(p, verify_crc));
         }
         for p in pieces {
             let at = (p.record.data_offset - start) as usize;
@@ -771,16 +789,14 @@ fn resolve_data_offsets(source: &dyn Source, records: &mut [Record], cd_offset: 
                 ),
             ));
         }
-        let header_bytes = |start: u64,
-                            n: usize,
-                            window: &mut Vec<u8>,
-                            window_start: &mut u64|
-         -> Result<Vec<u8>> {
+        // The bytes start..start+n of a local header: from memory, or from a window
+        // read once for many neighbouring headers (its buffer reused across windows).
+        let mut header_bytes = |start: u64, n: usize| -> Result<Vec<u8>> {
             if let Some(m) = mem {
                 return Ok(m[start as usize..start as usize + n].to_vec());
             }
             let in_window =
-                start >= *window_start && start + n as u64 <= *window_start + window.len() as u64;
+                start >= window_start && start + n as u64 <= window_start + window.len() as u64;
             if !in_window {
                 // Cover the following headers that lie within HEADER_WINDOW (many small
                 // records: one read for many headers), but never read across a big
@@ -793,13 +809,21 @@ fn resolve_data_offsets(source: &dyn Source, records: &mut [Record], cd_offset: 
                     end = end.max(next + HEADER_SLACK);
                 }
                 let want = (end.min(cd_offset) - start) as usize;
-                *window = read_vec(source, start, want, "local header")?;
-                *window_start = start;
+                if start + want as u64 > source.len() {
+                    // What read_vec reports: a truncated file.
+                    return read_vec(source, start, want, "local header");
+                }
+                window.resize(want, 0);
+                if let Err(e) = source.read_exact_at(&mut window, start) {
+                    window.clear();
+                    return Err(Error::io("reading local header", e));
+                }
+                window_start = start;
             }
-            let off = (start - *window_start) as usize;
+            let off = (start - window_start) as usize;
             Ok(window[off..off + n].to_vec())
         };
-        let fixed = header_bytes(h, LOCAL_FILE_HEADER_SIZE, &mut window, &mut window_start)?;
+        let fixed = header_bytes(h, LOCAL_FILE_HEADER_SIZE)?;
         let mut r = Le::new(&fixed);
         if r.u32() != Some(LOCAL_FILE_HEADER_SIGNATURE) {
             return Err(Error::bad_record(
@@ -818,12 +842,7 @@ fn resolve_data_offsets(source: &dyn Source, records: &mut [Record], cd_offset: 
                 "local header runs past the record area",
             ));
         }
-        let local_name = header_bytes(
-            h + LOCAL_FILE_HEADER_SIZE as u64,
-            name_len as usize,
-            &mut window,
-            &mut window_start,
-        )?;
+        let local_name = header_bytes(h + LOCAL_FILE_HEADER_SIZE as u64, name_len as usize)?;
         if local_name != rec.name.as_bytes() {
             return Err(Error::bad_record(
                 &rec.name,
@@ -852,10 +871,12 @@ mod tests {
     use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::Arc;
 
-    /// A file-like source (no zero-copy slice) that counts the bytes read from it.
+    /// A file-like source (no zero-copy slice) that counts the bytes read from it,
+    /// and the reads.
     struct CountingSource {
         bytes: Vec<u8>,
         read: Arc<AtomicU64>,
+        calls: Arc<AtomicU64>,
     }
 
     impl Source for CountingSource {
@@ -863,6 +884,7 @@ mod tests {
             self.bytes.len() as u64
         }
         fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+            self.calls.fetch_add(1, Ordering::Relaxed);
             self.read.fetch_add(buf.len() as u64, Ordering::Relaxed);
             MemorySource(&self.bytes[..]).read_exact_at(buf, offset)
         }
@@ -880,6 +902,7 @@ mod tests {
         let archive = Archive::open(Box::new(CountingSource {
             bytes,
             read: read.clone(),
+            calls: Arc::new(AtomicU64::new(0)),
         }))
         .unwrap();
         assert_eq!(archive.names().len(), 16);
@@ -887,5 +910,41 @@ mod tests {
         // 64 MiB of record data (or a 1 MiB window per record).
         let total = read.load(Ordering::Relaxed);
         assert!(total < 128 << 10, "opening read {total} bytes");
+    }
+
+    #[test]
+    fn small_neighbouring_records_are_read_in_groups() {
+        let mut w = ArchiveWriter::new(Vec::new(), "archive");
+        let n = 5000;
+        for i in 0..n {
+            w.write_record(&format!("data/{i}"), &[i as u8; 1024])
+                .unwrap();
+        }
+        let bytes = w.finish().unwrap();
+        let calls = Arc::new(AtomicU64::new(0));
+        let archive = Archive::open(Box::new(CountingSource {
+            bytes,
+            read: Arc::new(AtomicU64::new(0)),
+            calls: calls.clone(),
+        }))
+        .unwrap();
+        let mut bufs = vec![vec![0u8; 1024]; n];
+        let jobs: Vec<ReadJob<'_>> = bufs
+            .iter_mut()
+            .enumerate()
+            .map(|(i, dst)| ReadJob {
+                record: archive.get(&format!("data/{i}")).unwrap(),
+                dst,
+                swap: 0,
+            })
+            .collect();
+        calls.store(0, Ordering::Relaxed);
+        archive.read_many_into(jobs, 2, true).unwrap();
+        // ~5.5 MiB of records in 4 MiB spans: a few reads, not one per record.
+        let reads = calls.load(Ordering::Relaxed);
+        assert!(reads <= 4, "{reads} reads for {n} records");
+        for (i, b) in bufs.iter().enumerate() {
+            assert!(b.iter().all(|&x| x == i as u8), "record {i}");
+        }
     }
 }

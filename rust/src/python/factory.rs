@@ -67,7 +67,9 @@ impl PendingStorage {
     /// The untyped storage, creating it (and queueing its read) when no tensor has.
     fn untyped(slf: &Bound<'_, Self>, factory: &Bound<'_, TensorFactory>) -> PyResult<Py<PyAny>> {
         let py = slf.py();
-        factory.borrow_mut().storage_of(py, &mut slf.borrow_mut().slot)
+        factory
+            .borrow_mut()
+            .storage_of(py, &mut slf.borrow_mut().slot)
     }
 }
 
@@ -107,8 +109,8 @@ pub struct Extras<'a, 'py> {
 #[pyclass(module = "fastserial._fastserial")]
 pub struct TensorFactory {
     archive: Py<PyArchive>,
-    /// `data/KEY` records by key: (record index, size).
-    records: FxHashMap<Box<str>, (usize, u64)>,
+    /// Reused to spell `data/KEY` when looking a storage's record up.
+    name_buf: String,
     /// Pending storages handed to Python's unpickler, by key.
     slots: FxHashMap<Box<str>, Py<PyAny>>,
     jobs: Vec<(usize, usize, usize, usize)>,
@@ -199,7 +201,9 @@ fn text_of<'a>(obj: &'a Bound<'_, PyAny>) -> Option<std::borrow::Cow<'a, str>> {
         return s.to_cow().ok();
     }
     let b = obj.downcast::<PyBytes>().ok()?;
-    std::str::from_utf8(b.as_bytes()).ok().map(|s| std::borrow::Cow::Owned(s.to_string()))
+    std::str::from_utf8(b.as_bytes())
+        .ok()
+        .map(|s| std::borrow::Cow::Owned(s.to_string()))
 }
 
 impl TensorFactory {
@@ -211,14 +215,21 @@ impl TensorFactory {
         self.archive(py).archive.records()[record].name.clone()
     }
 
-    fn dtype_info(&mut self, py: Python<'_>, dtype: &Bound<'_, PyAny>) -> PyResult<Option<DtypeInfo>> {
+    fn dtype_info(
+        &mut self,
+        py: Python<'_>,
+        dtype: &Bound<'_, PyAny>,
+    ) -> PyResult<Option<DtypeInfo>> {
         if let Some((_, info)) = self.dtypes.iter().find(|d| d.0.is(dtype)) {
             return Ok(*info);
         }
         let info = match self.sizes.bind(py).get_item(dtype)? {
             Some(v) => {
                 let (itemsize, swap_size): (usize, usize) = v.extract()?;
-                Some(DtypeInfo { itemsize, swap_size })
+                Some(DtypeInfo {
+                    itemsize,
+                    swap_size,
+                })
             }
             None => None,
         };
@@ -227,7 +238,11 @@ impl TensorFactory {
     }
 
     /// The dtype a storage class in a persistent id stands for.
-    fn storage_dtype(&mut self, py: Python<'_>, storage_type: &Bound<'_, PyAny>) -> PyResult<Option<Py<PyAny>>> {
+    fn storage_dtype(
+        &mut self,
+        py: Python<'_>,
+        storage_type: &Bound<'_, PyAny>,
+    ) -> PyResult<Option<Py<PyAny>>> {
         if let Some((_, d)) = self.storage_types.iter().find(|d| d.0.is(storage_type)) {
             return Ok(d.as_ref().map(|d| d.clone_ref(py)));
         }
@@ -239,8 +254,10 @@ impl TensorFactory {
                 _ => None,
             }
         };
-        self.storage_types
-            .push((storage_type.clone().unbind(), dtype.as_ref().map(|d| d.clone_ref(py))));
+        self.storage_types.push((
+            storage_type.clone().unbind(),
+            dtype.as_ref().map(|d| d.clone_ref(py)),
+        ));
         Ok(dtype)
     }
 
@@ -250,7 +267,7 @@ impl TensorFactory {
         &mut self,
         py: Python<'_>,
         parts: [&Bound<'_, PyAny>; 5],
-    ) -> PyResult<Option<(String, Slot)>> {
+    ) -> PyResult<Option<Slot>> {
         let [typename, storage_type, key, location, numel] = parts;
         if text_of(typename).as_deref() != Some("storage") {
             return Ok(None);
@@ -268,10 +285,13 @@ impl TensorFactory {
         let Ok(numel) = numel.extract::<u64>() else {
             return Ok(None);
         };
-        let Some(&(record, size)) = self.records.get(key) else {
+        let Some(record) = self.record_of(key) else {
             return Ok(None);
         };
-        let info = self.dtype_info(py, dtype.bind(py))?.expect("checked by storage_dtype");
+        let size = self.archive.get().archive.records()[record].size;
+        let info = self
+            .dtype_info(py, dtype.bind(py))?
+            .expect("checked by storage_dtype");
         if numel.checked_mul(info.itemsize as u64) != Some(size) {
             return Ok(None); // the Python loader raises the precise error
         }
@@ -283,7 +303,19 @@ impl TensorFactory {
             storage: None,
             first: None,
         };
-        Ok(Some((key.to_string(), slot)))
+        Ok(Some(slot))
+    }
+
+    /// The index of record `data/KEY`, which identifies a storage within this load.
+    pub(crate) fn record_of(&mut self, key: &str) -> Option<usize> {
+        self.name_buf.clear();
+        self.name_buf.push_str("data/");
+        self.name_buf.push_str(key);
+        self.archive.get().archive.index_of(&self.name_buf)
+    }
+
+    pub(crate) fn record_count(&self) -> usize {
+        self.archive.get().archive.records().len()
     }
 
     /// The untyped storage behind a pending storage, creating it when needed.
@@ -388,7 +420,12 @@ impl TensorFactory {
                 t.call_method1(
                     py,
                     intern!(py, "set_"),
-                    (storage, off, PyTuple::new(py, size)?, PyTuple::new(py, stride)?),
+                    (
+                        storage,
+                        off,
+                        PyTuple::new(py, size)?,
+                        PyTuple::new(py, stride)?,
+                    ),
                 )?
             }
         };
@@ -464,7 +501,12 @@ impl TensorFactory {
         Ok(Some(t))
     }
 
-    fn finish_tensor(&self, py: Python<'_>, t: Py<PyAny>, e: &Extras<'_, '_>) -> PyResult<Py<PyAny>> {
+    fn finish_tensor(
+        &self,
+        py: Python<'_>,
+        t: Py<PyAny>,
+        e: &Extras<'_, '_>,
+    ) -> PyResult<Py<PyAny>> {
         if e.requires_grad {
             t.setattr(py, intern!(py, "requires_grad"), true)?;
         }
@@ -549,11 +591,12 @@ impl TensorFactory {
         }
         let items: Vec<Bound<'_, PyAny>> = t.iter().collect();
         let parts = [&items[0], &items[1], &items[2], &items[3], &items[4]];
-        let Some((key, slot)) = self.new_slot(py, parts)? else {
+        let Some(slot) = self.new_slot(py, parts)? else {
             return Ok(None);
         };
+        let key: Box<str> = key_obj.downcast::<PyString>()?.to_str()?.into();
         let pending = Py::new(py, PendingStorage { slot })?.into_any();
-        self.slots.insert(key.into(), pending.clone_ref(py));
+        self.slots.insert(key, pending.clone_ref(py));
         self.produced += 1;
         Ok(Some(pending))
     }
@@ -579,20 +622,6 @@ impl TensorFactory {
                 .map(|v| v.unbind())
                 .ok_or_else(|| PyRuntimeError::new_err(format!("TensorFactory needs '{k}'")))
         };
-        let mut records = FxHashMap::default();
-        {
-            let a = archive.get();
-            let prefix = a.archive.prefix();
-            for (i, r) in a.archive.records().iter().enumerate() {
-                let key = r
-                    .name
-                    .strip_prefix(prefix)
-                    .and_then(|n| n.strip_prefix("/data/"));
-                if let Some(key) = key {
-                    records.insert(key.into(), (i, r.size));
-                }
-            }
-        }
         let torch = Torch {
             empty_strided: get(torch_fns, "empty_strided")?,
             empty_like: get(torch_fns, "empty_like")?,
@@ -603,7 +632,7 @@ impl TensorFactory {
         };
         Ok(TensorFactory {
             archive,
-            records,
+            name_buf: String::new(),
             slots: FxHashMap::default(),
             jobs: Vec::new(),
             keepalive: Vec::new(),
@@ -660,14 +689,28 @@ impl TensorFactory {
     ) -> PyResult<Py<PyAny>> {
         if let Ok(pending) = storage.downcast::<PendingStorage>() {
             let t = self.rebuild_pending(
-                py, pending, None, storage_offset, size, stride, requires_grad, backward_hooks,
+                py,
+                pending,
+                None,
+                storage_offset,
+                size,
+                stride,
+                requires_grad,
+                backward_hooks,
                 metadata,
             )?;
             if let Some(t) = t {
                 return Ok(t);
             }
         }
-        let args = [storage, storage_offset, size, stride, requires_grad, backward_hooks];
+        let args = [
+            storage,
+            storage_offset,
+            size,
+            stride,
+            requires_grad,
+            backward_hooks,
+        ];
         call_with(py, &self.py_rebuild_v2, &args, metadata)
     }
 
@@ -687,14 +730,29 @@ impl TensorFactory {
     ) -> PyResult<Py<PyAny>> {
         if let Ok(pending) = storage.downcast::<PendingStorage>() {
             let t = self.rebuild_pending(
-                py, pending, Some(dtype), storage_offset, size, stride, requires_grad,
-                backward_hooks, metadata,
+                py,
+                pending,
+                Some(dtype),
+                storage_offset,
+                size,
+                stride,
+                requires_grad,
+                backward_hooks,
+                metadata,
             )?;
             if let Some(t) = t {
                 return Ok(t);
             }
         }
-        let args = [storage, storage_offset, size, stride, requires_grad, backward_hooks, dtype];
+        let args = [
+            storage,
+            storage_offset,
+            size,
+            stride,
+            requires_grad,
+            backward_hooks,
+            dtype,
+        ];
         call_with(py, &self.py_rebuild_v3, &args, metadata)
     }
 

@@ -120,9 +120,9 @@ pub fn run(
         cur: Cursor { data, pos: 0 },
         stack: Vec::with_capacity(64),
         marks: Vec::new(),
-        memo: Vec::new(),
+        memo: Vec::with_capacity(data.len() / 16),
         slots: Vec::new(),
-        slot_keys: FxHashMap::default(),
+        slot_of_record: Vec::new(),
         globals,
     };
     match m.run(factory) {
@@ -142,7 +142,8 @@ struct Machine<'py, 'a> {
     marks: Vec<usize>,
     memo: Vec<Option<Value>>,
     slots: Vec<Slot>,
-    slot_keys: FxHashMap<String, usize>,
+    /// Record index -> index into `slots` (u32::MAX: none yet).
+    slot_of_record: Vec<u32>,
     globals: &'a Globals,
 }
 
@@ -251,7 +252,11 @@ impl<'py> Machine<'py, '_> {
     }
 
     fn get(&mut self, idx: u64) -> Option<()> {
-        let v = self.memo.get(usize::try_from(idx).ok()?)?.as_ref()?.clone_ref(self.py);
+        let v = self
+            .memo
+            .get(usize::try_from(idx).ok()?)?
+            .as_ref()?
+            .clone_ref(self.py);
         self.stack.push(v);
         Some(())
     }
@@ -432,8 +437,12 @@ impl<'py> Machine<'py, '_> {
                     // STACK_GLOBAL
                     let name = need!(self.pop_obj()?);
                     let module = need!(self.pop_obj()?);
-                    let name = need!(name.downcast::<PyString>().ok()).to_str()?.to_string();
-                    let module = need!(module.downcast::<PyString>().ok()).to_str()?.to_string();
+                    let name = need!(name.downcast::<PyString>().ok())
+                        .to_str()?
+                        .to_string();
+                    let module = need!(module.downcast::<PyString>().ok())
+                        .to_str()?
+                        .to_string();
                     need!(self.global(module, name));
                 }
                 b'Q' => {
@@ -483,17 +492,26 @@ impl<'py> Machine<'py, '_> {
         for item in &t.items {
             parts.push(need!(self.object(item)?));
         }
-        if let Ok(key) = parts[2].downcast::<PyString>() {
-            if let Some(&i) = self.slot_keys.get(key.to_str()?) {
-                return Ok(Some(i));
-            }
+        // One storage per record, shared by every id that names it (as torch shares
+        // storages by key).
+        let Ok(key) = parts[2].downcast::<PyString>() else {
+            return Ok(None);
+        };
+        let Some(record) = factory.record_of(key.to_str()?) else {
+            return Ok(None);
+        };
+        if self.slot_of_record.is_empty() {
+            self.slot_of_record = vec![u32::MAX; factory.record_count()];
+        }
+        if let Some(&i) = self.slot_of_record.get(record).filter(|&&i| i != u32::MAX) {
+            return Ok(Some(i as usize));
         }
         let parts = [&parts[0], &parts[1], &parts[2], &parts[3], &parts[4]];
-        let Some((key, slot)) = factory.new_slot(self.py, parts)? else {
+        let Some(slot) = factory.new_slot(self.py, parts)? else {
             return Ok(None);
         };
         self.slots.push(slot);
-        self.slot_keys.insert(key, self.slots.len() - 1);
+        self.slot_of_record[record] = (self.slots.len() - 1) as u32;
         Ok(Some(self.slots.len() - 1))
     }
 

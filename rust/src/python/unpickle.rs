@@ -5,9 +5,11 @@
 //! spends most of a small tensor's time on that call: a `persistent_load` call, five
 //! argument tuples, an empty `OrderedDict` of backward hooks, and the rebuild call.
 //! This machine runs the same opcodes natively. Tuples and empty `OrderedDict`s stay
-//! Rust values until something needs them as Python objects (shared through an `Rc`,
-//! so every reference to one memoized value gets the same object), storages are
-//! factory slots, and a rebuild reads its arguments straight from those values.
+//! Rust values until something needs them as Python objects (they live in arenas and
+//! values refer to them by index, so every reference to one memoized value gets the
+//! same object, and torch's habit of memoizing every tuple costs no allocation),
+//! storages are factory slots, and a rebuild reads its arguments straight from those
+//! values.
 //!
 //! It implements a subset of pickle exactly as CPython's `_pickle` does, and gives up
 //! (`Outcome::Unsupported`) on anything outside it: an opcode it does not know, a
@@ -18,7 +20,6 @@
 //! before this runs; the machine only looks them up.
 
 use std::cell::OnceCell;
-use std::rc::Rc;
 
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyFloat, PyList, PyString, PyTuple};
@@ -34,9 +35,11 @@ pub enum Native {
     RebuildV3,
 }
 
-/// A tuple not yet made into a Python object.
+/// A tuple not yet made into a Python object: `items[start..start + len]` of the
+/// machine's item arena, and the object once made.
 struct LazyTuple {
-    items: Vec<Value>,
+    start: usize,
+    len: usize,
     obj: OnceCell<Py<PyAny>>,
 }
 
@@ -44,9 +47,11 @@ enum Value {
     Obj(Py<PyAny>),
     Native(Native),
     Int(i64),
-    Tuple(Rc<LazyTuple>),
-    /// `OrderedDict()`: what torch pickles as each tensor's backward hooks.
-    EmptyOrderedDict(Rc<OnceCell<Py<PyAny>>>),
+    /// An index into the machine's tuples.
+    Tuple(usize),
+    /// `OrderedDict()`, what torch pickles as each tensor's backward hooks: an index
+    /// into the machine's empty ordered dicts.
+    EmptyOrderedDict(usize),
     /// A storage: an index into the machine's slots.
     Storage(usize),
 }
@@ -57,8 +62,8 @@ impl Value {
             Value::Obj(o) => Value::Obj(o.clone_ref(py)),
             Value::Native(n) => Value::Native(*n),
             Value::Int(i) => Value::Int(*i),
-            Value::Tuple(t) => Value::Tuple(t.clone()),
-            Value::EmptyOrderedDict(c) => Value::EmptyOrderedDict(c.clone()),
+            Value::Tuple(t) => Value::Tuple(*t),
+            Value::EmptyOrderedDict(c) => Value::EmptyOrderedDict(*c),
             Value::Storage(s) => Value::Storage(*s),
         }
     }
@@ -120,7 +125,12 @@ pub fn run(
         cur: Cursor { data, pos: 0 },
         stack: Vec::with_capacity(64),
         marks: Vec::new(),
-        memo: Vec::with_capacity(data.len() / 16),
+        // Sized for a state dict's pickle up front (bounded: a pickle may be mostly
+        // one large bytes value).
+        memo: Vec::with_capacity((data.len() / 16).min(1 << 20)),
+        tuples: Vec::with_capacity((data.len() / 16).min(1 << 20)),
+        items: Vec::with_capacity((data.len() / 8).min(1 << 21)),
+        ordered_dicts: Vec::new(),
         slots: Vec::new(),
         slot_of_record: Vec::new(),
         globals,
@@ -141,6 +151,10 @@ struct Machine<'py, 'a> {
     stack: Vec<Value>,
     marks: Vec<usize>,
     memo: Vec<Option<Value>>,
+    /// Arenas: tuples, their items, and empty ordered dicts, referred to by index.
+    tuples: Vec<LazyTuple>,
+    items: Vec<Value>,
+    ordered_dicts: Vec<OnceCell<Py<PyAny>>>,
     slots: Vec<Slot>,
     /// Record index -> index into `slots` (u32::MAX: none yet).
     slot_of_record: Vec<u32>,
@@ -172,19 +186,21 @@ impl<'py> Machine<'py, '_> {
         Ok(Some(match v {
             Value::Obj(o) => o.bind(py).clone(),
             Value::Int(i) => i.into_pyobject(py)?.into_any(),
-            Value::Tuple(t) => {
+            Value::Tuple(i) => {
+                let t = &self.tuples[*i];
                 if let Some(o) = t.obj.get() {
                     return Ok(Some(o.bind(py).clone()));
                 }
-                let mut items = Vec::with_capacity(t.items.len());
-                for item in &t.items {
+                let mut items = Vec::with_capacity(t.len);
+                for item in &self.items[t.start..t.start + t.len] {
                     items.push(need!(self.object(item)?));
                 }
                 let o = PyTuple::new(py, items)?.into_any();
                 t.obj.get_or_init(|| o.clone().unbind());
                 o
             }
-            Value::EmptyOrderedDict(cell) => {
+            Value::EmptyOrderedDict(i) => {
+                let cell = &self.ordered_dicts[*i];
                 if let Some(o) = cell.get() {
                     return Ok(Some(o.bind(py).clone()));
                 }
@@ -230,11 +246,25 @@ impl<'py> Machine<'py, '_> {
         self.stack.push(Value::Obj(o.unbind()));
     }
 
-    fn push_tuple(&mut self, items: Vec<Value>) {
-        self.stack.push(Value::Tuple(Rc::new(LazyTuple {
-            items,
+    /// Makes the stack values from `from` up into a tuple, in place of them.
+    fn tuple_from(&mut self, from: usize) {
+        let start = self.items.len();
+        self.items.extend(self.stack.drain(from..));
+        self.tuples.push(LazyTuple {
+            start,
+            len: self.items.len() - start,
             obj: OnceCell::new(),
-        })));
+        });
+        self.stack.push(Value::Tuple(self.tuples.len() - 1));
+    }
+
+    /// A tuple's items.
+    fn items_of(&self, v: &Value) -> Option<&[Value]> {
+        let Value::Tuple(i) = v else {
+            return None;
+        };
+        let t = &self.tuples[*i];
+        Some(&self.items[t.start..t.start + t.len])
     }
 
     fn put(&mut self, idx: u64) -> Option<()> {
@@ -265,8 +295,7 @@ impl<'py> Machine<'py, '_> {
         if self.stack.len() < self.floor() + n {
             return None;
         }
-        let items = self.stack.split_off(self.stack.len() - n);
-        self.push_tuple(items);
+        self.tuple_from(self.stack.len() - n);
         Some(())
     }
 
@@ -313,13 +342,13 @@ impl<'py> Machine<'py, '_> {
                 b'(' => self.marks.push(self.stack.len()),
                 b'}' => self.push_obj(PyDict::new(py).into_any()),
                 b']' => self.push_obj(PyList::empty(py).into_any()),
-                b')' => self.push_tuple(Vec::new()),
+                b')' => self.tuple_from(self.stack.len()),
                 b'N' => self.push_obj(py.None().into_bound(py)),
                 0x88 => self.push_obj(true.into_pyobject(py)?.to_owned().into_any()),
                 0x89 => self.push_obj(false.into_pyobject(py)?.to_owned().into_any()),
                 b't' => {
-                    let items = need!(self.pop_mark());
-                    self.push_tuple(items);
+                    let k = need!(self.marks.pop());
+                    self.tuple_from(k);
                 }
                 0x85 => need!(self.tuple(1)),
                 0x86 => need!(self.tuple(2)),
@@ -482,14 +511,14 @@ impl<'py> Machine<'py, '_> {
     /// BINPERSID: the factory slot for `('storage', type, key, location, numel)`,
     /// shared by every id with the same key (as torch's loader shares storages).
     fn storage(&mut self, factory: &mut TensorFactory, pid: &Value) -> PyResult<Option<usize>> {
-        let Value::Tuple(t) = pid else {
+        let Some(items) = self.items_of(pid) else {
             return Ok(None);
         };
-        if t.items.len() != 5 {
+        if items.len() != 5 {
             return Ok(None);
         }
         let mut parts = Vec::with_capacity(5);
-        for item in &t.items {
+        for item in items {
             parts.push(need!(self.object(item)?));
         }
         // One storage per record, shared by every id that names it (as torch shares
@@ -526,17 +555,19 @@ impl<'py> Machine<'py, '_> {
         let py = self.py;
         match callable {
             Value::Native(kind) => {
-                let Value::Tuple(args) = args else {
+                let Some(items) = self.items_of(&args) else {
                     return Ok(None);
                 };
-                let t = need!(self.rebuild(factory, kind, &args.items)?);
+                let a: Vec<Value> = items.iter().map(|v| v.clone_ref(py)).collect();
+                let t = need!(self.rebuild(factory, kind, &a)?);
                 Ok(Some(Value::Obj(t)))
             }
             Value::Obj(f) => {
                 let f = f.into_bound(py);
-                let empty = matches!(&args, Value::Tuple(t) if t.items.is_empty());
+                let empty = self.items_of(&args).is_some_and(|a| a.is_empty());
                 if empty && f.is(self.globals.ordered_dict.bind(py)) {
-                    return Ok(Some(Value::EmptyOrderedDict(Rc::new(OnceCell::new()))));
+                    self.ordered_dicts.push(OnceCell::new());
+                    return Ok(Some(Value::EmptyOrderedDict(self.ordered_dicts.len() - 1)));
                 }
                 let args = need!(self.object(&args)?);
                 let args = need!(args.downcast_exact::<PyTuple>().ok()).clone();
@@ -567,13 +598,13 @@ impl<'py> Machine<'py, '_> {
         let Value::Int(offset) = a[1] else {
             return Ok(None);
         };
-        let (Some(size), Some(stride)) = (ints(&a[2]), ints(&a[3])) else {
+        let (Some(size), Some(stride)) = (self.ints(&a[2]), self.ints(&a[3])) else {
             return Ok(None);
         };
         let requires_grad = need!(self.object(&a[4])?).is_truthy()?;
         // An empty OrderedDict of hooks that nothing else took is never made.
         let hooks = match &a[5] {
-            Value::EmptyOrderedDict(cell) if cell.get().is_none() => None,
+            Value::EmptyOrderedDict(i) if self.ordered_dicts[*i].get().is_none() => None,
             v => Some(need!(self.object(v)?)),
         };
         let dtype = match kind {
@@ -596,18 +627,15 @@ impl<'py> Machine<'py, '_> {
         };
         factory.build(self.py, &mut self.slots[slot], &dtype, &view, &extras)
     }
-}
 
-/// A tuple of small ints (a size or stride) as a vector.
-fn ints(v: &Value) -> Option<Vec<i64>> {
-    let Value::Tuple(t) = v else {
-        return None;
-    };
-    t.items
-        .iter()
-        .map(|i| match i {
-            Value::Int(n) => Some(*n),
-            _ => None,
-        })
-        .collect()
+    /// A tuple of small ints (a size or stride) as a vector.
+    fn ints(&self, v: &Value) -> Option<Vec<i64>> {
+        self.items_of(v)?
+            .iter()
+            .map(|i| match i {
+                Value::Int(n) => Some(*n),
+                _ => None,
+            })
+            .collect()
+    }
 }

@@ -777,6 +777,7 @@ fn resolve_data_offsets(source: &dyn Source, records: &mut [Record], cd_offset: 
     let mem = source.as_slice();
     let mut window: Vec<u8> = Vec::new();
     let mut window_start = 0u64;
+    let mut name_buf: Vec<u8> = Vec::new();
     for (position, &i) in order.iter().enumerate() {
         let rec = &records[i];
         let h = rec.header_offset;
@@ -791,9 +792,11 @@ fn resolve_data_offsets(source: &dyn Source, records: &mut [Record], cd_offset: 
         }
         // The bytes start..start+n of a local header: from memory, or from a window
         // read once for many neighbouring headers (its buffer reused across windows).
-        let mut header_bytes = |start: u64, n: usize| -> Result<Vec<u8>> {
+        let mut header_bytes = |start: u64, dst: &mut [u8]| -> Result<()> {
+            let n = dst.len();
             if let Some(m) = mem {
-                return Ok(m[start as usize..start as usize + n].to_vec());
+                dst.copy_from_slice(&m[start as usize..start as usize + n]);
+                return Ok(());
             }
             let in_window =
                 start >= window_start && start + n as u64 <= window_start + window.len() as u64;
@@ -811,7 +814,7 @@ fn resolve_data_offsets(source: &dyn Source, records: &mut [Record], cd_offset: 
                 let want = (end.min(cd_offset) - start) as usize;
                 if start + want as u64 > source.len() {
                     // What read_vec reports: a truncated file.
-                    return read_vec(source, start, want, "local header");
+                    return read_vec(source, start, want, "local header").map(|_| ());
                 }
                 window.resize(want, 0);
                 if let Err(e) = source.read_exact_at(&mut window, start) {
@@ -821,9 +824,11 @@ fn resolve_data_offsets(source: &dyn Source, records: &mut [Record], cd_offset: 
                 window_start = start;
             }
             let off = (start - window_start) as usize;
-            Ok(window[off..off + n].to_vec())
+            dst.copy_from_slice(&window[off..off + n]);
+            Ok(())
         };
-        let fixed = header_bytes(h, LOCAL_FILE_HEADER_SIZE)?;
+        let mut fixed = [0u8; LOCAL_FILE_HEADER_SIZE];
+        header_bytes(h, &mut fixed)?;
         let mut r = Le::new(&fixed);
         if r.u32() != Some(LOCAL_FILE_HEADER_SIGNATURE) {
             return Err(Error::bad_record(
@@ -842,8 +847,9 @@ fn resolve_data_offsets(source: &dyn Source, records: &mut [Record], cd_offset: 
                 "local header runs past the record area",
             ));
         }
-        let local_name = header_bytes(h + LOCAL_FILE_HEADER_SIZE as u64, name_len as usize)?;
-        if local_name != rec.name.as_bytes() {
+        name_buf.resize(name_len as usize, 0);
+        header_bytes(h + LOCAL_FILE_HEADER_SIZE as u64, &mut name_buf)?;
+        if name_buf != rec.name.as_bytes() {
             return Err(Error::bad_record(
                 &rec.name,
                 "local header names a different record than the central directory",

@@ -381,6 +381,15 @@ class _ZipLoader:
         return _assumed_byteorder()
 
     def load(self):
+        try:
+            return self._load()
+        finally:
+            # The factory holds this loader's bound methods and the garbage collector
+            # cannot see inside it: break that cycle on every exit, failures included,
+            # or a failed load would keep its file open.
+            self.factory = None
+
+    def _load(self):
         archive = self.archive
         if not archive.has("data.pkl"):
             if archive.has("constants.pkl"):

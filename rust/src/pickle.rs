@@ -367,8 +367,11 @@ pub fn scan(data: &[u8]) -> Result<PickleScan> {
                 if i >= memo.len() {
                     memo.resize(i + 1, None);
                 }
-                memo[i] = Some(top);
-                memo_puts += 1;
+                // MEMOIZE numbers entries by how many are set, as `_pickle` does, so a
+                // PUT that overwrites an entry does not count.
+                if memo[i].replace(top).is_none() {
+                    memo_puts += 1;
+                }
             }
             0x80 => out.protocol = s.u8()?,
             0x95 => {
@@ -446,6 +449,13 @@ mod tests {
         let s = scan(p).unwrap();
         assert!(!s.persistent_id_reused);
         assert_eq!(s.persistent_ids, 1);
+    }
+
+    #[test]
+    fn memoize_counts_set_entries_not_puts() {
+        // K 1, PUT 0, PUT 0 (overwrite), K 2, MEMOIZE (-> key 1), GET 1, STOP
+        let s = scan(b"\x80\x04K\x01q\x00q\x00K\x02\x94h\x01.").unwrap();
+        assert_eq!(s.end, 14);
     }
 
     #[test]

@@ -128,6 +128,7 @@ pub fn run(
         // Sized for a state dict's pickle up front (bounded: a pickle may be mostly
         // one large bytes value).
         memo: Vec::with_capacity((data.len() / 16).min(1 << 20)),
+        memo_len: 0,
         tuples: Vec::with_capacity((data.len() / 16).min(1 << 20)),
         items: Vec::with_capacity((data.len() / 8).min(1 << 21)),
         ordered_dicts: Vec::new(),
@@ -151,6 +152,8 @@ struct Machine<'py, 'a> {
     stack: Vec<Value>,
     marks: Vec<usize>,
     memo: Vec<Option<Value>>,
+    /// How many memo entries are set (what MEMOIZE numbers the next one).
+    memo_len: usize,
     /// Arenas: tuples, their items, and empty ordered dicts, referred to by index.
     tuples: Vec<LazyTuple>,
     items: Vec<Value>,
@@ -182,6 +185,15 @@ impl<'py> Machine<'py, '_> {
     /// The Python object for a value; `None` for values that have none (a storage or
     /// a rebuild function outside a rebuild), which ends the run.
     fn object(&self, v: &Value) -> PyResult<Option<Bound<'py, PyAny>>> {
+        self.object_at(v, 0)
+    }
+
+    /// `object` for a value nested `depth` lazy tuples deep. Making a tuple recurses
+    /// into its items, so pickles nesting tuples deeper than a state dict ever does
+    /// go to Python's unpickler (which builds them without recursion) rather than
+    /// deep into this thread's stack.
+    fn object_at(&self, v: &Value, depth: usize) -> PyResult<Option<Bound<'py, PyAny>>> {
+        const MAX_DEPTH: usize = 256;
         let py = self.py;
         Ok(Some(match v {
             Value::Obj(o) => o.bind(py).clone(),
@@ -191,9 +203,12 @@ impl<'py> Machine<'py, '_> {
                 if let Some(o) = t.obj.get() {
                     return Ok(Some(o.bind(py).clone()));
                 }
+                if depth >= MAX_DEPTH {
+                    return Ok(None);
+                }
                 let mut items = Vec::with_capacity(t.len);
                 for item in &self.items[t.start..t.start + t.len] {
-                    items.push(need!(self.object(item)?));
+                    items.push(need!(self.object_at(item, depth + 1)?));
                 }
                 let o = PyTuple::new(py, items)?.into_any();
                 t.obj.get_or_init(|| o.clone().unbind());
@@ -267,9 +282,11 @@ impl<'py> Machine<'py, '_> {
         Some(&self.items[t.start..t.start + t.len])
     }
 
+    /// PUT / MEMOIZE: memoizes the top of the stack, which must lie above the last
+    /// MARK (as in `_pickle`).
     fn put(&mut self, idx: u64) -> Option<()> {
         // Indices beyond the pickle's length cannot come from a real pickler.
-        if idx > self.cur.data.len() as u64 {
+        if idx > self.cur.data.len() as u64 || self.stack.len() <= self.floor() {
             return None;
         }
         let top = self.stack.last()?.clone_ref(self.py);
@@ -277,7 +294,9 @@ impl<'py> Machine<'py, '_> {
         if self.memo.len() <= idx {
             self.memo.resize_with(idx + 1, || None);
         }
-        self.memo[idx] = Some(top);
+        if self.memo[idx].replace(top).is_none() {
+            self.memo_len += 1;
+        }
         Some(())
     }
 
@@ -362,7 +381,8 @@ impl<'py> Machine<'py, '_> {
                     need!(self.put(i));
                 }
                 0x94 => {
-                    let i = self.memo.len() as u64;
+                    // MEMOIZE's key is the number of memo entries, as in `_pickle`.
+                    let i = self.memo_len as u64;
                     need!(self.put(i));
                 }
                 b'h' => {

@@ -289,8 +289,6 @@ def _open_checkpoint(f, mmap: bool) -> _Opened:
 # --------------------------------------------------------------------------- load
 
 
-#: Globals whose calls never read tensor data: while a pickle uses only these, tensors
-#: may be built before their bytes arrive (all bytes are read once, at the end).
 # The tensor rebuilds the native unpickler runs itself (by version), and the globals
 # that call back into the factory it is running in (those pickles take the usual path).
 _NATIVE_REBUILDS = {"torch._utils._rebuild_tensor_v2": 2, "torch._utils._rebuild_tensor_v3": 3}
@@ -298,6 +296,8 @@ _CALLS_BACK_INTO_FACTORY = frozenset(
     {"torch._utils._rebuild_tensor", "torch._utils._rebuild_qtensor"}
 )
 
+#: Globals whose calls never read tensor data: while a pickle uses only these, tensors
+#: may be built before their bytes arrive (all bytes are read once, at the end).
 _INERT_GLOBALS = frozenset(
     {
         "collections.OrderedDict",

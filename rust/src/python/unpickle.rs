@@ -350,8 +350,11 @@ impl<'py> Machine<'py, '_> {
                     }
                 }
                 0x95 => {
-                    // FRAME: a length prefix only
-                    need!(self.cur.take(8));
+                    // FRAME: a length prefix, which must not promise more than is left
+                    let n = need!(self.cur.le(8));
+                    if n > (self.cur.data.len() - self.cur.pos) as u64 {
+                        bail!();
+                    }
                 }
                 b'.' => {
                     // STOP

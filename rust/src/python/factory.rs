@@ -262,11 +262,13 @@ impl TensorFactory {
     }
 
     /// The storage a persistent id `('storage', type, key, location, numel)` names, when
-    /// this factory can make it; `None` hands the id to the Python loader.
+    /// this factory can make it; `None` hands the id to the Python loader. `record` is
+    /// the key's record when the caller has looked it up already.
     pub(crate) fn new_slot(
         &mut self,
         py: Python<'_>,
         parts: [&Bound<'_, PyAny>; 5],
+        record: Option<usize>,
     ) -> PyResult<Option<Slot>> {
         let [typename, storage_type, key, location, numel] = parts;
         if text_of(typename).as_deref() != Some("storage") {
@@ -285,7 +287,7 @@ impl TensorFactory {
         let Ok(numel) = numel.extract::<u64>() else {
             return Ok(None);
         };
-        let Some(record) = self.record_of(key) else {
+        let Some(record) = record.or_else(|| self.record_of(key)) else {
             return Ok(None);
         };
         let size = self.archive.get().archive.records()[record].size;
@@ -591,7 +593,7 @@ impl TensorFactory {
         }
         let items: Vec<Bound<'_, PyAny>> = t.iter().collect();
         let parts = [&items[0], &items[1], &items[2], &items[3], &items[4]];
-        let Some(slot) = self.new_slot(py, parts)? else {
+        let Some(slot) = self.new_slot(py, parts, None)? else {
             return Ok(None);
         };
         let key: Box<str> = key_obj.downcast::<PyString>()?.to_str()?.into();

@@ -559,7 +559,7 @@ impl<'py> Machine<'py, '_> {
             return Ok(Some(i as usize));
         }
         let parts = [&parts[0], &parts[1], &parts[2], &parts[3], &parts[4]];
-        let Some(slot) = factory.new_slot(self.py, parts)? else {
+        let Some(slot) = factory.new_slot(self.py, parts, Some(record))? else {
             return Ok(None);
         };
         self.slots.push(slot);
@@ -578,11 +578,10 @@ impl<'py> Machine<'py, '_> {
         let py = self.py;
         match callable {
             Value::Native(kind) => {
-                let Some(items) = self.items_of(&args) else {
+                let Value::Tuple(args) = args else {
                     return Ok(None);
                 };
-                let a: Vec<Value> = items.iter().map(|v| v.clone_ref(py)).collect();
-                let t = need!(self.rebuild(factory, kind, &a)?);
+                let t = need!(self.rebuild(factory, kind, args)?);
                 Ok(Some(Value::Obj(t)))
             }
             Value::Obj(f) => {
@@ -606,8 +605,10 @@ impl<'py> Machine<'py, '_> {
         &mut self,
         factory: &mut TensorFactory,
         kind: Native,
-        a: &[Value],
+        args: usize,
     ) -> PyResult<Option<Py<PyAny>>> {
+        let (start, len) = (self.tuples[args].start, self.tuples[args].len);
+        let a = &self.items[start..start + len];
         let fixed = match kind {
             Native::RebuildV2 => 6,
             Native::RebuildV3 => 7,

@@ -993,3 +993,31 @@ def test_hundreds_of_interleaved_small_tensors(loaders, tmp_path, saver, verify,
         assert torch.equal(got[k], v), k
         assert got[k].stride() == v.stride(), k
     assert len({t.untyped_storage().data_ptr() for t in got.values()}) == len(obj)
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt, MemoryError])
+def test_interrupts_and_memory_errors_are_not_retried(loaders, tmp_path, monkeypatch, error):
+    """An interrupt (or MemoryError) raised while the native unpickler builds tensors
+    reaches the caller; it must not be taken for "unsupported" and start the load
+    over with Python's unpickler. Only the first tensor creation raises, so a retry
+    would succeed and hide it."""
+    path = write_file(tmp_path, save_bytes("torch", many_small_tensors(50)))
+    real = torch.empty_like
+    calls = []
+
+    def empty_like(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise error()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "empty_like", empty_like)
+    with pytest.raises(error):
+        fastserial.load(path)
+    assert loaders[-1].unpickler_used == "native"
+    assert len(calls) == 1
+    # And without the fault, the same file loads natively.
+    monkeypatch.setattr(torch, "empty_like", real)
+    got, used = fs_load(loaders, path)
+    assert used == "native"
+    assert_like_torch(got, torch.load(path))

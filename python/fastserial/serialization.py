@@ -361,7 +361,8 @@ class _ZipLoader:
         self.mapping = self.archive.mapping if mmap else None
         self.staging = False  # set when the mapping only stages data for a device
         self.factory = None
-        #: which unpickler ran the pickle: "native" (unpickle.rs) or "python"
+        #: which unpickler ran the pickle (or was running when the load failed):
+        #: "native" (unpickle.rs) or "python"
         self.unpickler_used: Optional[str] = None
 
     # -- record helpers
@@ -459,6 +460,7 @@ class _ZipLoader:
             with _gc_paused():
                 done = False
                 if native is not None:
+                    self.unpickler_used = "native"
                     done, result = self.factory.unpickle(data, *native, OrderedDict)
                     if not done:  # start over with the ordinary unpickler
                         self.factory = self._make_factory()

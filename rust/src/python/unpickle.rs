@@ -140,8 +140,15 @@ pub fn run(
         Ok(Some(v)) => Ok(Outcome::Done(v)),
         Ok(None) => Ok(Outcome::Unsupported),
         // A checkpoint error (a view past its storage, say) is the same error the
-        // ordinary path would raise; anything else it reports in its own words.
-        Err(e) if e.is_instance_of::<CheckpointError>(py) => Err(e),
+        // ordinary path would raise, and an interrupt or lack of memory must not start
+        // the load over; anything else the ordinary path reports in its own words.
+        Err(e)
+            if e.is_instance_of::<CheckpointError>(py)
+                || e.is_instance_of::<pyo3::exceptions::PyMemoryError>(py)
+                || !e.is_instance_of::<pyo3::exceptions::PyException>(py) =>
+        {
+            Err(e)
+        }
         Err(_) => Ok(Outcome::Unsupported),
     }
 }

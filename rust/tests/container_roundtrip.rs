@@ -60,17 +60,7 @@ fn round_trip_keeps_names_bytes_order_and_alignment() {
         FileSource::new(std::fs::File::open(&path).unwrap()).unwrap(),
     ))
     .unwrap();
-    let mut bufs: Vec<Vec<u8>> = expect.iter().map(|(_, d)| vec![0u8; d.len()]).collect();
-    let jobs: Vec<ReadJob<'_>> = expect
-        .iter()
-        .zip(bufs.iter_mut())
-        .map(|((name, _), dst)| ReadJob {
-            record: archive.get(name).unwrap(),
-            dst,
-            swap: 0,
-        })
-        .collect();
-    archive.read_many_into(jobs, 3, true).unwrap();
+    let bufs = read_all(&archive, &expect, 3, true, 0).unwrap();
     for ((_, data), got) in expect.iter().zip(&bufs) {
         assert_eq!(data, got);
     }
@@ -314,6 +304,28 @@ fn entry_count_beyond_the_directory_is_refused() {
     assert!(matches!(err, Error::LimitExceeded(_)), "{err}");
 }
 
+/// Reads every record of `expect` with one `read_many_into` call.
+fn read_all(
+    archive: &Archive,
+    expect: &[(String, Vec<u8>)],
+    threads: usize,
+    verify: bool,
+    swap: usize,
+) -> _fastserial::Result<Vec<Vec<u8>>> {
+    let mut bufs: Vec<Vec<u8>> = expect.iter().map(|(_, d)| vec![0u8; d.len()]).collect();
+    let jobs: Vec<ReadJob<'_>> = expect
+        .iter()
+        .zip(bufs.iter_mut())
+        .map(|((name, _), dst)| ReadJob {
+            record: archive.get(name).unwrap(),
+            dst,
+            swap,
+        })
+        .collect();
+    archive.read_many_into(jobs, threads, verify)?;
+    Ok(bufs)
+}
+
 /// Many small records read from a file go through grouped reads (one pread per
 /// neighbourhood): every byte lands in the right buffer, byte swaps apply per record,
 /// a corrupted record is named by the CRC check, and a truncated file is an error.
@@ -348,17 +360,7 @@ fn grouped_reads_of_small_records_from_a_file() {
     };
     let archive = open_file(&path).unwrap();
     for (threads, verify, swap) in [(1, false, 0), (2, true, 0), (3, false, 2)] {
-        let mut bufs: Vec<Vec<u8>> = expect.iter().map(|(_, d)| vec![0u8; d.len()]).collect();
-        let jobs: Vec<ReadJob<'_>> = expect
-            .iter()
-            .zip(bufs.iter_mut())
-            .map(|((name, _), dst)| ReadJob {
-                record: archive.get(name).unwrap(),
-                dst,
-                swap,
-            })
-            .collect();
-        archive.read_many_into(jobs, threads, verify).unwrap();
+        let bufs = read_all(&archive, &expect, threads, verify, swap).unwrap();
         for ((name, data), got) in expect.iter().zip(&bufs) {
             let mut want = data.clone();
             if swap == 2 {
@@ -375,18 +377,7 @@ fn grouped_reads_of_small_records_from_a_file() {
     bad[victim.data_offset as usize + 17] ^= 0x40;
     let bad_path = dir.path().join("bad.pt");
     std::fs::write(&bad_path, &bad).unwrap();
-    let bad_archive = open_file(&bad_path).unwrap();
-    let mut bufs: Vec<Vec<u8>> = expect.iter().map(|(_, d)| vec![0u8; d.len()]).collect();
-    let jobs: Vec<ReadJob<'_>> = expect
-        .iter()
-        .zip(bufs.iter_mut())
-        .map(|((name, _), dst)| ReadJob {
-            record: bad_archive.get(name).unwrap(),
-            dst,
-            swap: 0,
-        })
-        .collect();
-    let err = bad_archive.read_many_into(jobs, 2, true).unwrap_err();
+    let err = read_all(&open_file(&bad_path).unwrap(), &expect, 2, true, 0).unwrap_err();
     assert!(
         err.to_string().contains("ckpt/data/1003") && err.to_string().contains("CRC32"),
         "{err}"
@@ -404,17 +395,7 @@ fn grouped_reads_of_small_records_from_a_file() {
         .unwrap()
         .set_len(cut)
         .unwrap();
-    let mut bufs: Vec<Vec<u8>> = expect.iter().map(|(_, d)| vec![0u8; d.len()]).collect();
-    let jobs: Vec<ReadJob<'_>> = expect
-        .iter()
-        .zip(bufs.iter_mut())
-        .map(|((name, _), dst)| ReadJob {
-            record: trunc_archive.get(name).unwrap(),
-            dst,
-            swap: 0,
-        })
-        .collect();
-    let err = trunc_archive.read_many_into(jobs, 1, false).unwrap_err();
+    let err = read_all(&trunc_archive, &expect, 1, false, 0).unwrap_err();
     assert!(matches!(err, Error::Io { .. }), "{err:?}");
     assert!(err.to_string().contains("ckpt/data/"), "{err}");
 }

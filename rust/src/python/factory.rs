@@ -527,48 +527,55 @@ impl TensorFactory {
         Ok(t)
     }
 
-    /// `rebuild_tensor_v2/v3` with Python arguments, on a pending storage.
-    #[allow(clippy::too_many_arguments)]
-    fn rebuild_pending(
+    /// `rebuild_tensor_v2/v3` with Python arguments: torch's `(storage, offset, size,
+    /// stride, requires_grad, hooks)`, then v3's dtype (`args[6]`). A pending storage
+    /// is built here; anything else goes to the Python rebuild of that version.
+    fn rebuild_from_python(
         &mut self,
         py: Python<'_>,
-        pending: &Bound<'_, PendingStorage>,
-        dtype: Option<&Bound<'_, PyAny>>,
-        offset: &Bound<'_, PyAny>,
-        size: &Bound<'_, PyAny>,
-        stride: &Bound<'_, PyAny>,
-        requires_grad: &Bound<'_, PyAny>,
-        hooks: &Bound<'_, PyAny>,
+        args: &[&Bound<'_, PyAny>],
         metadata: Option<&Bound<'_, PyAny>>,
-    ) -> PyResult<Option<Py<PyAny>>> {
-        let mut p = pending.borrow_mut();
-        let dtype = match dtype {
-            Some(d) => d.clone(),
-            None => p.slot.dtype.bind(py).clone(),
+    ) -> PyResult<Py<PyAny>> {
+        let dtype = args.get(6).copied();
+        if let Ok(pending) = args[0].downcast::<PendingStorage>() {
+            let mut p = pending.borrow_mut();
+            let dtype = match dtype {
+                Some(d) => d.clone(),
+                None => p.slot.dtype.bind(py).clone(),
+            };
+            let [offset, size, stride, requires_grad, hooks] =
+                [args[1], args[2], args[3], args[4], args[5]];
+            let (Some(size_v), Some(stride_v), Ok(off)) =
+                (int_list(size), int_list(stride), offset.extract::<i64>())
+            else {
+                let record = p.slot.record;
+                return Err(self.view_error(
+                    py,
+                    record,
+                    format!("invalid tensor view (offset {offset}, size {size}, stride {stride})"),
+                ));
+            };
+            let view = View {
+                offset: off,
+                size: &size_v,
+                stride: &stride_v,
+            };
+            let extras = Extras {
+                requires_grad: requires_grad.is_truthy()?,
+                hooks: Some(hooks),
+                metadata,
+            };
+            if let Some(t) = self.build(py, &mut p.slot, &dtype, &view, &extras)? {
+                self.consumed += 1;
+                return Ok(t);
+            }
+        }
+        let fallback = if dtype.is_some() {
+            &self.py_rebuild_v3
+        } else {
+            &self.py_rebuild_v2
         };
-        let (Some(size_v), Some(stride_v), Ok(off)) =
-            (int_list(size), int_list(stride), offset.extract::<i64>())
-        else {
-            let record = p.slot.record;
-            return Err(self.view_error(
-                py,
-                record,
-                format!("invalid tensor view (offset {offset}, size {size}, stride {stride})"),
-            ));
-        };
-        let view = View {
-            offset: off,
-            size: &size_v,
-            stride: &stride_v,
-        };
-        let extras = Extras {
-            requires_grad: requires_grad.is_truthy()?,
-            hooks: Some(hooks),
-            metadata,
-        };
-        let t = self.build(py, &mut p.slot, &dtype, &view, &extras)?;
-        self.consumed += usize::from(t.is_some());
-        Ok(t)
+        call_with(py, fallback, args, metadata)
     }
 
     /// The fast path of persistent_load; `None` hands the id to the Python loader.
@@ -689,22 +696,6 @@ impl TensorFactory {
         backward_hooks: &Bound<'_, PyAny>,
         metadata: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Py<PyAny>> {
-        if let Ok(pending) = storage.downcast::<PendingStorage>() {
-            let t = self.rebuild_pending(
-                py,
-                pending,
-                None,
-                storage_offset,
-                size,
-                stride,
-                requires_grad,
-                backward_hooks,
-                metadata,
-            )?;
-            if let Some(t) = t {
-                return Ok(t);
-            }
-        }
         let args = [
             storage,
             storage_offset,
@@ -713,7 +704,7 @@ impl TensorFactory {
             requires_grad,
             backward_hooks,
         ];
-        call_with(py, &self.py_rebuild_v2, &args, metadata)
+        self.rebuild_from_python(py, &args, metadata)
     }
 
     #[pyo3(signature = (storage, storage_offset, size, stride, requires_grad, backward_hooks, dtype, metadata=None))]
@@ -730,22 +721,6 @@ impl TensorFactory {
         dtype: &Bound<'_, PyAny>,
         metadata: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Py<PyAny>> {
-        if let Ok(pending) = storage.downcast::<PendingStorage>() {
-            let t = self.rebuild_pending(
-                py,
-                pending,
-                Some(dtype),
-                storage_offset,
-                size,
-                stride,
-                requires_grad,
-                backward_hooks,
-                metadata,
-            )?;
-            if let Some(t) = t {
-                return Ok(t);
-            }
-        }
         let args = [
             storage,
             storage_offset,
@@ -755,7 +730,7 @@ impl TensorFactory {
             backward_hooks,
             dtype,
         ];
-        call_with(py, &self.py_rebuild_v3, &args, metadata)
+        self.rebuild_from_python(py, &args, metadata)
     }
 
     /// Runs a state-dict pickle natively (`unpickle::run`). Returns `(True, result)`,

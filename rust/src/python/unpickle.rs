@@ -27,6 +27,7 @@ use rustc_hash::FxHashMap;
 
 use super::errors::CheckpointError;
 use super::factory::{Extras, Slot, TensorFactory, View};
+use crate::pickle::op;
 
 /// The tensor rebuild functions, which run natively and so have no object here.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -348,98 +349,95 @@ impl<'py> Machine<'py, '_> {
     fn run(&mut self, factory: &mut TensorFactory) -> PyResult<Option<Py<PyAny>>> {
         let py = self.py;
         loop {
-            let op = need!(self.cur.u8());
-            match op {
-                0x80 => {
-                    // PROTO
+            let code = need!(self.cur.u8());
+            match code {
+                op::PROTO => {
                     if need!(self.cur.u8()) > 5 {
                         bail!();
                     }
                 }
-                0x95 => {
-                    // FRAME: a length prefix, which must not promise more than is left
+                op::FRAME => {
+                    // a length prefix, which must not promise more than is left
                     let n = need!(self.cur.le(8));
                     if n > (self.cur.data.len() - self.cur.pos) as u64 {
                         bail!();
                     }
                 }
-                b'.' => {
-                    // STOP
+                op::STOP => {
                     let v = need!(self.pop_obj()?);
                     return Ok(Some(v.unbind()));
                 }
-                b'(' => self.marks.push(self.stack.len()),
-                b'}' => self.push_obj(PyDict::new(py).into_any()),
-                b']' => self.push_obj(PyList::empty(py).into_any()),
-                b')' => self.tuple_from(self.stack.len()),
-                b'N' => self.push_obj(py.None().into_bound(py)),
-                0x88 => self.push_obj(true.into_pyobject(py)?.to_owned().into_any()),
-                0x89 => self.push_obj(false.into_pyobject(py)?.to_owned().into_any()),
-                b't' => {
+                op::MARK => self.marks.push(self.stack.len()),
+                op::EMPTY_DICT => self.push_obj(PyDict::new(py).into_any()),
+                op::EMPTY_LIST => self.push_obj(PyList::empty(py).into_any()),
+                op::EMPTY_TUPLE => self.tuple_from(self.stack.len()),
+                op::NONE => self.push_obj(py.None().into_bound(py)),
+                op::NEWTRUE => self.push_obj(true.into_pyobject(py)?.to_owned().into_any()),
+                op::NEWFALSE => self.push_obj(false.into_pyobject(py)?.to_owned().into_any()),
+                op::TUPLE => {
                     let k = need!(self.marks.pop());
                     self.tuple_from(k);
                 }
-                0x85 => need!(self.tuple(1)),
-                0x86 => need!(self.tuple(2)),
-                0x87 => need!(self.tuple(3)),
-                b'q' => {
+                op::TUPLE1 => need!(self.tuple(1)),
+                op::TUPLE2 => need!(self.tuple(2)),
+                op::TUPLE3 => need!(self.tuple(3)),
+                op::BINPUT => {
                     let i = need!(self.cur.le(1));
                     need!(self.put(i));
                 }
-                b'r' => {
+                op::LONG_BINPUT => {
                     let i = need!(self.cur.le(4));
                     need!(self.put(i));
                 }
-                0x94 => {
+                op::MEMOIZE => {
                     // MEMOIZE's key is the number of memo entries, as in `_pickle`.
                     let i = self.memo_len as u64;
                     need!(self.put(i));
                 }
-                b'h' => {
+                op::BINGET => {
                     let i = need!(self.cur.le(1));
                     need!(self.get(i));
                 }
-                b'j' => {
+                op::LONG_BINGET => {
                     let i = need!(self.cur.le(4));
                     need!(self.get(i));
                 }
-                0x8c => {
+                op::SHORT_BINUNICODE => {
                     let n = need!(self.cur.le(1)) as usize;
                     need!(self.string(n));
                 }
-                b'X' => {
+                op::BINUNICODE => {
                     let n = need!(self.cur.le(4)) as usize;
                     need!(self.string(n));
                 }
-                0x8d => {
+                op::BINUNICODE8 => {
                     let n = need!(usize::try_from(need!(self.cur.le(8))).ok());
                     need!(self.string(n));
                 }
-                b'C' | b'B' | 0x8e => {
-                    // SHORT_BINBYTES, BINBYTES, BINBYTES8
-                    let width = match op {
-                        b'C' => 1,
-                        b'B' => 4,
+                op::SHORT_BINBYTES | op::BINBYTES | op::BINBYTES8 => {
+                    let width = match code {
+                        op::SHORT_BINBYTES => 1,
+                        op::BINBYTES => 4,
                         _ => 8,
                     };
                     let n = need!(usize::try_from(need!(self.cur.le(width))).ok());
                     let b = need!(self.cur.take(n));
                     self.push_obj(PyBytes::new(py, b).into_any());
                 }
-                b'K' => {
+                op::BININT1 => {
                     let v = need!(self.cur.le(1)) as i64;
                     self.stack.push(Value::Int(v));
                 }
-                b'M' => {
+                op::BININT2 => {
                     let v = need!(self.cur.le(2)) as i64;
                     self.stack.push(Value::Int(v));
                 }
-                b'J' => {
+                op::BININT => {
                     let v = need!(self.cur.le(4)) as u32 as i32 as i64;
                     self.stack.push(Value::Int(v));
                 }
-                0x8a => {
-                    // LONG1: little-endian two's complement, up to 8 bytes here
+                op::LONG1 => {
+                    // little-endian two's complement, up to 8 bytes here
                     let n = need!(self.cur.u8()) as usize;
                     if n > 8 {
                         bail!();
@@ -452,17 +450,17 @@ impl<'py> Machine<'py, '_> {
                     }
                     self.stack.push(Value::Int(i64::from_le_bytes(v)));
                 }
-                b'G' => {
+                op::BINFLOAT => {
                     let b = need!(self.cur.take(8));
                     let v = f64::from_be_bytes(b.try_into().expect("8 bytes"));
                     self.push_obj(PyFloat::new(py, v).into_any());
                 }
-                b's' => {
+                op::SETITEM => {
                     let v = need!(self.pop_obj()?);
                     let k = need!(self.pop_obj()?);
                     need!(self.top_obj()?).set_item(k, v)?;
                 }
-                b'u' => {
+                op::SETITEMS => {
                     let items = need!(self.pop_mark());
                     if items.len() % 2 != 0 {
                         bail!();
@@ -474,12 +472,12 @@ impl<'py> Machine<'py, '_> {
                         d.set_item(k, v)?;
                     }
                 }
-                b'a' => {
+                op::APPEND => {
                     let v = need!(self.pop_obj()?);
                     let l = need!(self.top_obj()?);
                     need!(l.downcast_exact::<PyList>().ok()).append(v)?;
                 }
-                b'e' => {
+                op::APPENDS => {
                     let items = need!(self.pop_mark());
                     let l = need!(self.top_obj()?);
                     let l = need!(l.downcast_exact::<PyList>().ok());
@@ -487,13 +485,12 @@ impl<'py> Machine<'py, '_> {
                         l.append(need!(self.object(v)?))?;
                     }
                 }
-                b'c' => {
+                op::GLOBAL => {
                     let module = need!(self.cur.line()).to_string();
                     let name = need!(self.cur.line()).to_string();
                     need!(self.global(module, name));
                 }
-                0x93 => {
-                    // STACK_GLOBAL
+                op::STACK_GLOBAL => {
                     let name = need!(self.pop_obj()?);
                     let module = need!(self.pop_obj()?);
                     let name = need!(name.downcast::<PyString>().ok())
@@ -504,20 +501,19 @@ impl<'py> Machine<'py, '_> {
                         .to_string();
                     need!(self.global(module, name));
                 }
-                b'Q' => {
-                    // BINPERSID
+                op::BINPERSID => {
                     let pid = need!(self.pop());
                     let slot = need!(self.storage(factory, &pid)?);
                     self.stack.push(Value::Storage(slot));
                 }
-                b'R' => {
+                op::REDUCE => {
                     let args = need!(self.pop());
                     let callable = need!(self.pop());
                     let result = need!(self.reduce(factory, callable, args)?);
                     self.stack.push(result);
                 }
-                b'b' => {
-                    // BUILD: only attribute state on an OrderedDict (a state dict's
+                op::BUILD => {
+                    // Only attribute state on an OrderedDict (a state dict's
                     // `_metadata`), set through its __dict__ as `_pickle` does.
                     let state = need!(self.pop_obj()?);
                     let inst = need!(self.top_obj()?);

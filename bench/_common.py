@@ -320,6 +320,18 @@ def make_impls(only, impl_module="fastserial", threads=None, explicit=False):
     return impls
 
 
+def start_run(args):
+    """What every benchmark entry point does first, from its parsed arguments:
+    configure the process, set the sync-before-writes policy, and instantiate the
+    libraries. Returns ``(proc_cfg, impls, libs)``, libs in ALL_LIBS order."""
+    global SYNC_BEFORE_WRITES
+    proc_cfg = configure_process(args.torch_threads, args.mallopt)
+    SYNC_BEFORE_WRITES = proc_cfg["sync_before_saves"] = args.sync
+    impls = make_impls(args.lib_list, args.impl_module, args.threads, explicit=args.explicit_only)
+    libs = [l for l in ALL_LIBS if any(i.name == l for i in impls)]
+    return proc_cfg, impls, libs
+
+
 # --------------------------------------------------------------------------
 # Workloads
 # --------------------------------------------------------------------------

@@ -31,7 +31,6 @@ import time
 import traceback
 from math import prod
 
-import _common
 from _common import (
     ALL_LIBS,
     WORKLOAD_DESC,
@@ -40,7 +39,6 @@ from _common import (
     MiB,
     build_workload,
     check_tmpdir,
-    configure_process,
     data_bytes,
     emit_report,
     fmt_ratio,
@@ -48,7 +46,6 @@ from _common import (
     fmt_time,
     iter_tensors,
     log,
-    make_impls,
     meta_lines,
     raw_read_into,
     raw_write,
@@ -56,6 +53,7 @@ from _common import (
     render_table,
     rm,
     run_child,
+    start_run,
     system_meta,
     timed,
     timed_write,
@@ -517,10 +515,7 @@ def render_report(results, meta, libs, args, markdown):
 def main(argv=None):
     args = parse_args(argv)
     t0 = time.perf_counter()
-    proc_cfg = configure_process(args.torch_threads, args.mallopt)
-    _common.SYNC_BEFORE_WRITES = proc_cfg["sync_before_saves"] = args.sync
-    impls = make_impls(args.lib_list, args.impl_module, args.threads, explicit=args.explicit_only)
-    libs = [l for l in ALL_LIBS if any(i.name == l for i in impls)]
+    proc_cfg, impls, libs = start_run(args)
     fsimpl = next((i for i in impls if i.name == "fastserial"), None)
     if fsimpl is not None and fsimpl.module_name != "fastserial":
         log(f"NOTE: the 'fastserial' column is backed by the stand-in module {fsimpl.module_name!r}")

@@ -24,26 +24,24 @@ import tempfile
 import time
 from math import prod
 
-import _common
 from _common import (
     ALL_LIBS,
     GiB,
     MiB,
     build_from_shapes,
     check_tmpdir,
-    configure_process,
     data_bytes,
     emit_report,
     fmt_ratio,
     fmt_size,
     fmt_time,
     log,
-    make_impls,
     meta_lines,
     parse_size,
     release_freed_memory,
     render_table,
     rm,
+    start_run,
     system_meta,
     timed,
     timed_write,
@@ -277,10 +275,7 @@ def render(results, meta, libs, args, markdown):
 def main(argv=None):
     args = parse_args(argv)
     t0 = time.perf_counter()
-    proc_cfg = configure_process(args.torch_threads, args.mallopt)
-    _common.SYNC_BEFORE_WRITES = proc_cfg["sync_before_saves"] = args.sync
-    impls = make_impls(args.lib_list, args.impl_module, args.threads, explicit=args.explicit_only)
-    libs = [l for l in ALL_LIBS if any(i.name == l for i in impls)]
+    proc_cfg, impls, libs = start_run(args)
     cases = make_cases(args)
     tmpdir = tempfile.mkdtemp(prefix="fastserial-scaling-", dir=args.tmpdir)
     biggest = max((sum(4 * prod(s) for _, s in c["shapes"]) for c in cases), default=0)

@@ -15,6 +15,9 @@ use std::path::PathBuf;
 
 use _fastserial::{pickle, Archive, ArchiveWriter, FileSource, MemorySource, ReadJob};
 
+mod common;
+use common::{finish_zip, u16le, u32le};
+
 /// xorshift64*: tiny, deterministic, good enough to pick mutations.
 struct Rng(u64);
 
@@ -99,12 +102,6 @@ fn deflated_archive() -> Vec<u8> {
 
 /// A minimal zip writer: `(name, method, stored bytes, plain bytes)` per record.
 fn zip_of(records: &[(&str, u16, Vec<u8>, Vec<u8>)]) -> Vec<u8> {
-    fn u16le(v: &mut Vec<u8>, x: u16) {
-        v.extend_from_slice(&x.to_le_bytes());
-    }
-    fn u32le(v: &mut Vec<u8>, x: u32) {
-        v.extend_from_slice(&x.to_le_bytes());
-    }
     let mut out = Vec::new();
     let mut cd = Vec::new();
     for (name, method, stored, plain) in records {
@@ -136,17 +133,7 @@ fn zip_of(records: &[(&str, u16, Vec<u8>, Vec<u8>)]) -> Vec<u8> {
         }
         out.extend_from_slice(stored);
     }
-    let cd_offset = out.len() as u32;
-    let cd_size = cd.len() as u32;
-    out.extend_from_slice(&cd);
-    u32le(&mut out, 0x0605_4b50);
-    u16le(&mut out, 0);
-    u16le(&mut out, 0);
-    u16le(&mut out, records.len() as u16);
-    u16le(&mut out, records.len() as u16);
-    u32le(&mut out, cd_size);
-    u32le(&mut out, cd_offset);
-    u16le(&mut out, 0);
+    finish_zip(&mut out, &cd, records.len());
     out
 }
 

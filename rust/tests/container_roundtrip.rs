@@ -6,6 +6,9 @@ use std::io::Write;
 
 use _fastserial::{Archive, ArchiveWriter, Error, FileSource, MemorySource, ReadJob};
 
+mod common;
+use common::{finish_zip, u16le, u32le};
+
 fn open(bytes: Vec<u8>) -> _fastserial::Result<Archive> {
     Archive::open(Box::new(MemorySource(bytes)))
 }
@@ -152,13 +155,6 @@ fn wrong_destination_size_is_an_error_naming_the_record() {
 
 // ----------------------------------------------------------------- hand-built zips
 
-fn u16le(v: &mut Vec<u8>, x: u16) {
-    v.extend_from_slice(&x.to_le_bytes());
-}
-fn u32le(v: &mut Vec<u8>, x: u32) {
-    v.extend_from_slice(&x.to_le_bytes());
-}
-
 /// One hand-built record: `(name, method, stored bytes, declared uncompressed size, crc)`.
 type RawRecord<'a> = (&'a [u8], u16, Vec<u8>, u64, u32);
 
@@ -202,16 +198,7 @@ fn zip_of(records: &[RawRecord<'_>]) -> Vec<u8> {
         }
         out.extend_from_slice(stored);
     }
-    let (cd_offset, cd_size) = (out.len() as u32, cd.len() as u32);
-    out.extend_from_slice(&cd);
-    u32le(&mut out, 0x0605_4b50);
-    u16le(&mut out, 0);
-    u16le(&mut out, 0);
-    u16le(&mut out, records.len() as u16);
-    u16le(&mut out, records.len() as u16);
-    u32le(&mut out, cd_size);
-    u32le(&mut out, cd_offset);
-    u16le(&mut out, 0);
+    finish_zip(&mut out, &cd, records.len());
     out
 }
 

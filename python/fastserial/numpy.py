@@ -65,6 +65,7 @@ from .serialization import (
     _Opened,
     _py2_name,
     _refusal,
+    _write_checkpoint,
 )
 
 try:  # a declared dependency, but keep plain dtypes working without it
@@ -1779,18 +1780,13 @@ def _save(obj, f, *, fsync: bool = True, progress: Callable[[int], None] | None 
         writer = _native.ArchiveWriter(f, "archive")
     else:
         raise TypeError(f"expected a path or a file-like object with write(), got {type(f).__name__}")
-    try:
-        writer.write_record("data.pkl", data)
-        writer.write_record(".format_version", b"1")
-        writer.write_record(".storage_alignment", b"64")
-        writer.write_record("byteorder", sys.byteorder.encode())
-        _write_storages(writer, state.storages, progress)
-        writer.write_record("version", b"3\n")
-        writer.write_record(".data/serialization_id", writer.serialization_id().encode())
-        writer.finish(fsync=fsync)
-    except BaseException:
-        writer.abort()
-        raise
+    _write_checkpoint(
+        writer,
+        data,
+        lambda: _write_storages(writer, state.storages, progress),
+        byteorder=True,
+        fsync=fsync,
+    )
 
 
 _BATCH_BYTES = 64 << 20

@@ -1174,20 +1174,34 @@ def save(
 
     writer = _native.ArchiveWriter(target, prefix, atomic=atomic, durable=fsync)
     try:
+        _write_checkpoint(
+            writer,
+            pickled,
+            lambda: _write_storages(writer, helper.write_plan()),
+            byteorder=not _disable_byteorder_record,
+            fsync=fsync,
+        )
+    finally:
+        pickled.release()
+
+
+def _write_checkpoint(writer, pickled, write_storages, *, byteorder: bool, fsync: bool) -> None:
+    """Writes a checkpoint's records in torch's order (``write_storages()`` adds the
+    ``data/`` records) and finishes ``writer``; on any failure aborts it, so an atomic
+    save leaves the previous file in place."""
+    try:
         writer.write_record("data.pkl", pickled)
         writer.write_record(".format_version", b"1")
         writer.write_record(".storage_alignment", b"64")
-        if not _disable_byteorder_record:
+        if byteorder:
             writer.write_record("byteorder", sys.byteorder.encode())
-        _write_storages(writer, helper.write_plan())
+        write_storages()
         writer.write_record("version", b"3\n")
         writer.write_record(".data/serialization_id", writer.serialization_id().encode())
         writer.finish(fsync=fsync)
     except BaseException:
         writer.abort()
         raise
-    finally:
-        pickled.release()
 
 
 def _write_storages(writer, plan: list) -> None:

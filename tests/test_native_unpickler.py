@@ -1002,22 +1002,29 @@ def test_interrupts_and_memory_errors_are_not_retried(loaders, tmp_path, monkeyp
     over with Python's unpickler. Only the first tensor creation raises, so a retry
     would succeed and hide it."""
     path = write_file(tmp_path, save_bytes("torch", many_small_tensors(50)))
-    real = torch.empty_like
+    # Small tensors are made by torch's DLPack import (packed), others by empty_like.
+    info = fastserial.serialization._TorchInfo.get()
     calls = []
 
-    def empty_like(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 1:
-            raise error()
-        return real(*args, **kwargs)
+    def failing_once(real):
+        def wrapper(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 1:
+                raise error()
+            return real(*args, **kwargs)
 
-    monkeypatch.setattr(torch, "empty_like", empty_like)
+        return wrapper
+
+    real_empty_like, real_from_dlpack = torch.empty_like, info.from_dlpack
+    monkeypatch.setattr(torch, "empty_like", failing_once(real_empty_like))
+    monkeypatch.setattr(info, "from_dlpack", failing_once(real_from_dlpack))
     with pytest.raises(error):
         fastserial.load(path)
     assert loaders[-1].unpickler_used == "native"
     assert len(calls) == 1
     # And without the fault, the same file loads natively.
-    monkeypatch.setattr(torch, "empty_like", real)
+    monkeypatch.setattr(torch, "empty_like", real_empty_like)
+    monkeypatch.setattr(info, "from_dlpack", real_from_dlpack)
     got, used = fs_load(loaders, path)
     assert used == "native"
     assert_like_torch(got, torch.load(path))

@@ -20,10 +20,12 @@ from .serialization import (
     DEFAULT_PROTOCOL,
     LoadEndianness,
     get_default_load_endianness,
+    get_pack_small_tensors,
     get_unsafe_globals_in_checkpoint,
     load,
     save,
     set_default_load_endianness,
+    set_pack_small_tensors,
 )
 
 __version__ = "0.1.0"
@@ -46,5 +48,7 @@ __all__ = [
     "patch_torch",
     "get_num_threads",
     "set_num_threads",
+    "set_pack_small_tensors",
+    "get_pack_small_tensors",
     "__version__",
 ]

@@ -19,6 +19,11 @@ def set_num_threads(n: int) -> None: ...
 def scan_pickle(data: bytes, file: str = ...) -> dict[str, Any]: ...
 def byteswap_address(address: int, nbytes: int, elem_size: int) -> None: ...
 def crc32(data: ReadableBuffer) -> int: ...
+def dlpack_dtype(capsule: Any) -> tuple[int, int, int]:
+    """(code, bits, lanes) of an unconsumed DLPack 'dltensor' capsule."""
+
+def packed_blocks_alive() -> int:
+    """Packed small-tensor blocks mapped now in this process (for tests)."""
 
 class MappedBuffer:
     """A private, copy-on-write mapping of a whole checkpoint (buffer protocol)."""
@@ -91,6 +96,8 @@ class TensorFactory:
         torch_fns: dict[str, Any],
         sizes: dict[Any, tuple[int, int]],
         fallbacks: dict[str, Any],
+        from_dlpack: Optional[Any] = None,
+        dlpack_codes: Optional[dict[Any, tuple[int, int]]] = None,
     ) -> None: ...
     @property
     def counts(self) -> tuple[int, int]: ...

@@ -39,11 +39,43 @@ __all__ = [
     "LoadEndianness",
     "get_default_load_endianness",
     "set_default_load_endianness",
+    "set_pack_small_tensors",
+    "get_pack_small_tensors",
     "DEFAULT_PROTOCOL",
 ]
 
 DEFAULT_PROTOCOL = 2
 FileLike = Union[str, os.PathLike, BinaryIO, IO[bytes]]
+
+#: Pack small tensors of eager loads into shared blocks (see set_pack_small_tensors).
+_pack_small_tensors = True
+
+
+def set_pack_small_tensors(enabled: bool) -> None:
+    """Whether eager loads pack small tensors into shared memory blocks (default: on).
+
+    A CPU tensor of at most 64 KiB that owns its whole storage gets its memory
+    from a block of up to 16 MiB shared with its neighbours, instead of an
+    allocation of its own, and is made without going through torch's Python API.
+    Checkpoints of many small tensors load several times faster. Each tensor still
+    has its own storage of exactly its size, as with ``torch.load``. Two things
+    differ, as they do for ``torch.load(mmap=True)``:
+
+    * the storages are not resizable (``resize_`` to a larger size raises);
+    * a block is freed when the last tensor over it is freed, so keeping a few
+      small tensors of a big checkpoint can keep up to 16 MiB each alive.
+
+    Turn it off to get storages allocated one by one, as ``torch.load`` does. The
+    setting is process-wide and read when a load starts.
+    """
+    global _pack_small_tensors
+    _pack_small_tensors = bool(enabled)
+
+
+def get_pack_small_tensors() -> bool:
+    """Whether eager loads pack small tensors into shared blocks (see
+    :func:`set_pack_small_tensors`)."""
+    return _pack_small_tensors
 
 _ZIP_MAGIC = b"PK\x03\x04"
 _EMPTY_ZIP_MAGIC = b"PK\x05\x06"
@@ -135,6 +167,7 @@ class _TorchInfo:
         self.empty = torch.empty
         self.empty_strided = torch.empty_strided
         self.frombuffer = torch.frombuffer
+        self.from_dlpack, self.dlpack_codes = self._dlpack_codes(torch)
 
     @classmethod
     def get(cls) -> _TorchInfo:
@@ -143,6 +176,33 @@ class _TorchInfo:
                 if cls._instance is None:
                     cls._instance = _TorchInfo()
         return cls._instance
+
+    def _dlpack_codes(self, torch):
+        """``torch._C._from_dlpack`` and, per dtype, the DLPack (code, bits) this torch
+        exports it as: the dtypes whose small tensors an eager load packs into shared
+        blocks (see ``rust/src/python/dlpack.rs``). Taken from torch's own
+        ``to_dlpack``, so what is passed back is what this torch produces; a dtype
+        it cannot export (quantized ones, some torch versions' newer types) is left
+        out and loads as before."""
+        from_dlpack = getattr(torch._C, "_from_dlpack", None)
+        try:
+            from torch.utils.dlpack import to_dlpack
+        except ImportError:
+            return None, {}
+        if from_dlpack is None:
+            return None, {}
+        codes = {}
+        for dt, size in self.itemsize.items():
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # quantized and complex32 warn
+                    capsule = to_dlpack(torch.empty(1, dtype=dt))
+                code, bits, lanes = _native.dlpack_dtype(capsule)
+            except Exception:
+                continue
+            if lanes == 1 and bits == 8 * size:
+                codes[dt] = (code, bits)
+        return from_dlpack, codes
 
     def swap_size(self, dtype) -> int:
         """Element size to byte-swap by: complex numbers swap per component."""
@@ -514,6 +574,8 @@ class _ZipLoader:
                 "uint8": info.uint8,
             },
             sizes=info.sizes,
+            from_dlpack=info.from_dlpack if _pack_small_tensors else None,
+            dlpack_codes=info.dlpack_codes,
             fallbacks={
                 "persistent_load": self.persistent_load,
                 "rebuild_tensor_v2": self.rebuild_tensor_v2,

@@ -20,6 +20,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyString, PyTuple};
 use rustc_hash::FxHashMap;
 
+use super::dlpack::{self, DLDataType, Packer};
 use super::errors::{at, CheckpointError};
 use super::num_threads;
 use super::reader::PyArchive;
@@ -88,6 +89,10 @@ struct DtypeInfo {
     itemsize: usize,
     /// Element size to byte-swap by (complex numbers swap per component).
     swap_size: usize,
+    /// How torch spells the dtype in DLPack, when small tensors of it are packed.
+    dl: Option<DLDataType>,
+    /// Whether a packed tensor has shown that `dl` comes back as this dtype.
+    dl_checked: bool,
 }
 
 /// The view a tensor takes of its storage, in elements.
@@ -141,6 +146,37 @@ pub struct TensorFactory {
     py_rebuild_v2: Py<PyAny>,
     py_rebuild_v3: Py<PyAny>,
     py_mapped_storage: Py<PyAny>,
+    /// `torch._C._from_dlpack` and dtype -> (code, bits), when small tensors are
+    /// packed into shared blocks (`dlpack.rs`).
+    from_dlpack: Option<Py<PyAny>>,
+    dlpack_codes: Option<Py<PyDict>>,
+    packer: Packer,
+    prefetch: Option<Prefetch>,
+}
+
+/// What a worker thread returns: the archive (to be let go of with the GIL held) and
+/// the result of its reads.
+type PrefetchResult = (Py<PyArchive>, crate::error::Result<()>);
+
+/// Small records read into packed blocks on a worker thread while the pickle runs
+/// (`TensorFactory::start_prefetch`).
+struct Prefetch {
+    /// record -> (address, index in `packer.blocks`) of its bytes, until a tensor
+    /// takes them.
+    slots: Vec<Option<(usize, usize)>>,
+    /// (record, address, nbytes) of each prefetched record a tensor took.
+    taken: Vec<(usize, usize, usize)>,
+    worker: std::thread::JoinHandle<PrefetchResult>,
+}
+
+impl Drop for TensorFactory {
+    /// A factory dropped unfinished (an error, or a pickle handed to Python's
+    /// unpickler) waits for its worker: no write may land after the load is over.
+    fn drop(&mut self) {
+        if let Some(pf) = self.prefetch.take() {
+            let _ = pf.worker.join();
+        }
+    }
 }
 
 fn int_list(obj: &Bound<'_, PyAny>) -> Option<Vec<i64>> {
@@ -226,9 +262,25 @@ impl TensorFactory {
         let info = match self.sizes.bind(py).get_item(dtype)? {
             Some(v) => {
                 let (itemsize, swap_size): (usize, usize) = v.extract()?;
+                let dl = match &self.dlpack_codes {
+                    Some(codes) => match codes.bind(py).get_item(dtype)? {
+                        Some(c) => {
+                            let (code, bits): (u8, u8) = c.extract()?;
+                            Some(DLDataType {
+                                code,
+                                bits,
+                                lanes: 1,
+                            })
+                        }
+                        None => None,
+                    },
+                    None => None,
+                };
                 Some(DtypeInfo {
                     itemsize,
                     swap_size,
+                    dl,
+                    dl_checked: false,
                 })
             }
             None => None,
@@ -404,7 +456,7 @@ impl TensorFactory {
             && nbytes > 0
             && is_dense(size, stride, numel);
         let t = if !p.has_memory() && dense {
-            self.fresh_tensor(py, p, dtype, v, numel, swap)?
+            self.fresh_tensor(py, p, dtype, info, v, swap)?
         } else {
             None
         };
@@ -441,10 +493,11 @@ impl TensorFactory {
         py: Python<'_>,
         p: &mut Slot,
         dtype: &Bound<'_, PyAny>,
+        info: DtypeInfo,
         v: &View<'_>,
-        numel: i64,
         swap: usize,
     ) -> PyResult<Option<Py<PyAny>>> {
+        let numel = (p.nbytes / info.itemsize.max(1)) as i64;
         if let Some(mapping) = &self.mapping {
             let archive = self.archive(py);
             let rec = &archive.archive.records()[p.record];
@@ -471,6 +524,9 @@ impl TensorFactory {
                 )?;
             }
             p.first = Some(t.clone_ref(py));
+            return Ok(Some(t));
+        }
+        if let Some(t) = self.packed_tensor(py, p, dtype, info, v, swap)? {
             return Ok(Some(t));
         }
         // Tensors of a layout seen before are made with `empty_like` on the previous
@@ -501,6 +557,126 @@ impl TensorFactory {
         self.keepalive.push(t.clone_ref(py));
         p.first = Some(t.clone_ref(py));
         Ok(Some(t))
+    }
+
+    /// A small tensor over memory of a shared block (`dlpack.rs`), its read queued.
+    /// `None` when the tensor does not qualify.
+    fn packed_tensor(
+        &mut self,
+        py: Python<'_>,
+        p: &mut Slot,
+        dtype: &Bound<'_, PyAny>,
+        info: DtypeInfo,
+        v: &View<'_>,
+        swap: usize,
+    ) -> PyResult<Option<Py<PyAny>>> {
+        let Some(dl) = info.dl else {
+            return Ok(None);
+        };
+        if self.from_dlpack.is_none()
+            || p.nbytes == 0
+            || p.nbytes > dlpack::SMALL_MAX
+            || v.size.len() > dlpack::MAX_DIMS
+        {
+            return Ok(None);
+        }
+        let prefetched = match &mut self.prefetch {
+            Some(pf) if swap == 0 => pf.slots.get_mut(p.record).and_then(Option::take),
+            _ => None,
+        };
+        let (addr, block) = match prefetched {
+            Some((addr, block)) => (addr, self.packer.blocks[block].clone()),
+            None => self.packer.alloc(p.nbytes)?,
+        };
+        let capsule = dlpack::capsule(py, addr, dl, v.size, v.stride, block)?;
+        let from_dlpack = self.from_dlpack.as_ref().expect("checked above");
+        let t = from_dlpack.call1(py, (capsule,))?;
+        if !info.dl_checked {
+            // Once per dtype: the tensor must come back with the dtype asked for.
+            let got = t.getattr(py, intern!(py, "dtype"))?;
+            let ok = got.bind(py).is(dtype);
+            if let Some(entry) = self.dtypes.iter_mut().find(|d| d.0.is(dtype)) {
+                if let Some(i) = &mut entry.1 {
+                    i.dl_checked = ok;
+                    if !ok {
+                        i.dl = None;
+                    }
+                }
+            }
+            if !ok {
+                return Ok(None);
+            }
+        }
+        match (&mut self.prefetch, prefetched) {
+            (Some(pf), Some(_)) => pf.taken.push((p.record, addr, p.nbytes)),
+            _ => self.jobs.push((p.record, addr, p.nbytes, swap)),
+        }
+        p.first = Some(t.clone_ref(py));
+        Ok(Some(t))
+    }
+
+    /// Starts reading every small `data/` record into packed blocks on a worker
+    /// thread, so the reads overlap the pickle's run on this one. A record no tensor
+    /// takes was read for nothing; its memory goes with the blocks.
+    fn start_prefetch(&mut self, py: Python<'_>) {
+        const MIN_RECORDS: usize = 16;
+        let archive = self.archive.get();
+        let records = archive.archive.records();
+        let data_dir = format!("{}/data/", archive.archive.prefix());
+        let small: Vec<usize> = (0..records.len())
+            .filter(|&i| {
+                let r = &records[i];
+                r.name.starts_with(&data_dir) && r.size > 0 && r.size <= dlpack::SMALL_MAX as u64
+            })
+            .collect();
+        if small.len() < MIN_RECORDS {
+            return;
+        }
+        let mut slots = vec![None; records.len()];
+        let mut list = Vec::with_capacity(small.len());
+        for i in small {
+            let n = records[i].size as usize;
+            let Ok((addr, _)) = self.packer.alloc(n) else {
+                return;
+            };
+            slots[i] = Some((addr, self.packer.blocks.len() - 1));
+            list.push((i, addr, n));
+        }
+        let blocks = self.packer.blocks.clone();
+        let worker_archive = self.archive.clone_ref(py);
+        let (verify, threads) = (self.verify, num_threads().saturating_sub(1).max(1));
+        let worker = std::thread::Builder::new()
+            .name("fastserial-prefetch".into())
+            .spawn(move || {
+                let result = {
+                    let archive = &worker_archive.get().archive;
+                    let records = archive.records();
+                    let jobs: Vec<ReadJob<'_>> = list
+                        .iter()
+                        .map(|&(rec, addr, n)| ReadJob {
+                            record: &records[rec],
+                            // SAFETY: each (addr, n) is a distinct range that
+                            // `Packer::alloc` carved from a block in `blocks`, which
+                            // this thread holds until the reads end. Nothing else
+                            // writes it before the factory joins this thread: a tensor
+                            // made over it first reaches code that could only once the
+                            // load is finished (or dropped, which joins too).
+                            dst: unsafe { std::slice::from_raw_parts_mut(addr as *mut u8, n) },
+                            swap: 0,
+                        })
+                        .collect();
+                    archive.read_many_into(jobs, threads, verify)
+                };
+                drop(blocks);
+                (worker_archive, result)
+            });
+        if let Ok(worker) = worker {
+            self.prefetch = Some(Prefetch {
+                slots,
+                taken: Vec::new(),
+                worker,
+            });
+        }
     }
 
     fn finish_tensor(
@@ -614,9 +790,10 @@ impl TensorFactory {
 #[pymethods]
 impl TensorFactory {
     #[new]
-    #[pyo3(signature = (archive, *, swap, all_cpu, verify, mapping, torch_fns, sizes, fallbacks))]
+    #[pyo3(signature = (archive, *, swap, all_cpu, verify, mapping, torch_fns, sizes, fallbacks, from_dlpack=None, dlpack_codes=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
+        py: Python<'_>,
         archive: Py<PyArchive>,
         swap: bool,
         all_cpu: bool,
@@ -625,6 +802,8 @@ impl TensorFactory {
         torch_fns: &Bound<'_, PyDict>,
         sizes: Py<PyDict>,
         fallbacks: &Bound<'_, PyDict>,
+        from_dlpack: Option<Py<PyAny>>,
+        dlpack_codes: Option<Py<PyDict>>,
     ) -> PyResult<Self> {
         let get = |d: &Bound<'_, PyDict>, k: &str| -> PyResult<Py<PyAny>> {
             d.get_item(k)?
@@ -639,7 +818,7 @@ impl TensorFactory {
             frombuffer: get(torch_fns, "frombuffer")?,
             set_tensor_metadata: get(torch_fns, "set_tensor_metadata")?,
         };
-        Ok(TensorFactory {
+        let mut factory = TensorFactory {
             archive,
             name_buf: String::new(),
             slots: FxHashMap::default(),
@@ -663,7 +842,15 @@ impl TensorFactory {
             py_rebuild_v2: get(fallbacks, "rebuild_tensor_v2")?,
             py_rebuild_v3: get(fallbacks, "rebuild_tensor_v3")?,
             py_mapped_storage: get(fallbacks, "mapped_storage")?,
-        })
+            from_dlpack,
+            dlpack_codes,
+            packer: Packer::default(),
+            prefetch: None,
+        };
+        if factory.from_dlpack.is_some() && factory.mapping.is_none() && !factory.swap {
+            factory.start_prefetch(py);
+        }
+        Ok(factory)
     }
 
     /// Pending storages handed out / consumed by rebuilds (equal when none escaped).
@@ -775,7 +962,15 @@ impl TensorFactory {
     /// Reads every queued storage (GIL released, several threads) and lets go of
     /// the references that kept their memory alive.
     fn finish(&mut self, py: Python<'_>) -> PyResult<()> {
-        let jobs = std::mem::take(&mut self.jobs);
+        let mut jobs = std::mem::take(&mut self.jobs);
+        if let Some(pf) = self.prefetch.take() {
+            let joined = py.allow_threads(|| pf.worker.join());
+            if !matches!(joined, Ok((_, Ok(())))) {
+                // Read again what tensors took, so an error names its record, and
+                // one in a record no tensor uses fails nothing.
+                jobs.extend(pf.taken.iter().map(|&(rec, addr, n)| (rec, addr, n, 0)));
+            }
+        }
         self.templates.clear();
         let archive = self.archive.get();
         let records = archive.archive.records();
@@ -787,7 +982,8 @@ impl TensorFactory {
                     record: &records[rec],
                     // SAFETY: addr is the data_ptr() of a tensor or storage this factory
                     // created for exactly nbytes bytes and holds in `keepalive` until the
-                    // read completes; each record's job targets distinct memory.
+                    // read completes, or nbytes of a block `packer` holds; each record's
+                    // job targets distinct memory.
                     dst: unsafe { std::slice::from_raw_parts_mut(addr as *mut u8, nbytes) },
                     swap,
                 })
@@ -795,6 +991,7 @@ impl TensorFactory {
             archive.archive.read_many_into(jobs, num_threads(), verify)
         });
         self.keepalive.clear();
+        self.packer = Packer::default();
         result.map_err(at(&archive.file))
     }
 }

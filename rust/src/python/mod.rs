@@ -2,6 +2,7 @@
 //! reader and writer, the zero-copy buffers, the pickle scanner and a few kernels.
 
 mod buffers;
+mod dlpack;
 mod errors;
 mod factory;
 mod pickling;
@@ -114,5 +115,7 @@ fn _fastserial(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(scan_pickle, m)?)?;
     m.add_function(wrap_pyfunction!(byteswap_address, m)?)?;
     m.add_function(wrap_pyfunction!(crc32, m)?)?;
+    m.add_function(wrap_pyfunction!(dlpack::dlpack_dtype, m)?)?;
+    m.add_function(wrap_pyfunction!(dlpack::packed_blocks_alive, m)?)?;
     Ok(())
 }

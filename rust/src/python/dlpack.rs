@@ -4,8 +4,8 @@
 //! Making a torch tensor through its Python API costs about a microsecond, plus a
 //! `malloc` and its page faults per storage. For checkpoints of many small tensors
 //! that is most of a load. Here a storage of at most [`SMALL_MAX`] bytes gets its
-//! memory from a [`Block`]: one anonymous mapping of [`BLOCK_BYTES`] (transparent huge
-//! pages requested), bump-allocated on torch's 64-byte alignment. Each tensor still
+//! memory from a [`Block`]: one anonymous mapping of [`BLOCK_BYTES`], bump-allocated
+//! on torch's 64-byte alignment. Each tensor still
 //! has its own storage of exactly its record's size; it is made by
 //! `torch._C._from_dlpack` from a capsule built here, which costs about half of
 //! `torch.empty_like`. The capsule's deleter holds an `Arc` of the block, so a block
@@ -21,7 +21,7 @@ use std::ffi::{c_void, CStr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use memmap2::{Advice, MmapMut};
+use memmap2::MmapMut;
 use pyo3::exceptions::PyValueError;
 use pyo3::ffi;
 use pyo3::prelude::*;
@@ -29,10 +29,14 @@ use pyo3::prelude::*;
 /// Storages up to this size are packed into blocks.
 pub const SMALL_MAX: usize = 64 << 10;
 /// Size of one block's mapping. Only touched pages count towards resident memory;
-/// a tensor kept alive keeps at most this much of a block.
+/// a tensor kept alive keeps at most this much of a block. (Transparent huge pages
+/// would fault faster, but with the usual `defrag=madvise` setting an allocation can
+/// stall for milliseconds in compaction, so blocks take ordinary pages.)
 pub const BLOCK_BYTES: usize = 16 << 20;
-/// Dimensions a packed tensor may have (its shape and strides live inline).
+/// Dimensions a packed tensor may have.
 pub const MAX_DIMS: usize = 8;
+/// Dimensions whose shape and strides live inside `Managed` (more take an allocation).
+const INLINE_DIMS: usize = 2;
 const ALIGN: usize = 64;
 const K_DL_CPU: i32 = 1;
 
@@ -71,12 +75,14 @@ struct DLManagedTensor {
 }
 
 /// A `DLManagedTensor` with the memory it points at: `shape` and `strides` point
-/// into `dims`, and `block` keeps `data` mapped. `#[repr(C)]` with the managed
-/// tensor first, so a pointer to one is a pointer to the other.
+/// into `inline` (or `heap`, past INLINE_DIMS dimensions), and `block` keeps `data`
+/// mapped. `#[repr(C)]` with the managed tensor first, so a pointer to one is a
+/// pointer to the other.
 #[repr(C)]
 struct Managed {
     tensor: DLManagedTensor,
-    dims: [i64; 2 * MAX_DIMS],
+    inline: [i64; 2 * INLINE_DIMS],
+    heap: Option<Box<[i64]>>,
     _block: Arc<Block>,
 }
 
@@ -153,8 +159,6 @@ impl Packer {
             }
             _ => {
                 let mut map = MmapMut::map_anon(BLOCK_BYTES)?;
-                // Fewer page faults; a hint the kernel may ignore, so its result is too.
-                let _ = map.advise(Advice::HugePage);
                 let base = map.as_mut_ptr() as usize;
                 let block = Arc::new(Block::new(map));
                 self.blocks.push(block.clone());
@@ -181,9 +185,14 @@ pub fn capsule<'py>(
             "too many dimensions for a DLPack tensor",
         ));
     }
-    let mut dims = [0i64; 2 * MAX_DIMS];
-    dims[..ndim].copy_from_slice(size);
-    dims[MAX_DIMS..MAX_DIMS + ndim].copy_from_slice(stride);
+    let mut inline = [0i64; 2 * INLINE_DIMS];
+    let heap = if ndim <= INLINE_DIMS {
+        inline[..ndim].copy_from_slice(size);
+        inline[ndim..2 * ndim].copy_from_slice(stride);
+        None
+    } else {
+        Some(size.iter().chain(stride).copied().collect::<Box<[i64]>>())
+    };
     let managed = Box::into_raw(Box::new(Managed {
         tensor: DLManagedTensor {
             dl_tensor: DLTensor {
@@ -201,15 +210,20 @@ pub fn capsule<'py>(
             manager_ctx: std::ptr::null_mut(),
             deleter: Some(delete_managed),
         },
-        dims,
+        inline,
+        heap,
         _block: block,
     }));
-    // SAFETY: `managed` is a live, uniquely owned allocation; the pointers into its own
-    // `dims` stay valid because the Box is never moved until it is freed.
+    // SAFETY: `managed` is a live, uniquely owned allocation. Its `inline` array (or
+    // the `heap` slice it owns) holds 2 * ndim values, shape then strides; neither
+    // moves until the Box is freed, so the pointers stay valid as long as the tensor.
     unsafe {
-        let dims = std::ptr::addr_of_mut!((*managed).dims).cast::<i64>();
+        let dims = match &mut (*managed).heap {
+            Some(h) => h.as_mut_ptr(),
+            None => std::ptr::addr_of_mut!((*managed).inline).cast::<i64>(),
+        };
         (*managed).tensor.dl_tensor.shape = dims;
-        (*managed).tensor.dl_tensor.strides = dims.add(MAX_DIMS);
+        (*managed).tensor.dl_tensor.strides = dims.add(ndim);
     }
     // SAFETY: PyCapsule_New takes a non-null pointer and a name with static lifetime;
     // on failure it returns NULL with an exception set and the Box is still ours.

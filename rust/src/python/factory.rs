@@ -232,7 +232,7 @@ fn is_dense(size: &[i64], stride: &[i64], numel: i64) -> bool {
 }
 
 /// A string or bytes object's text, for the parts of a persistent id.
-fn text_of<'a>(obj: &'a Bound<'_, PyAny>) -> Option<std::borrow::Cow<'a, str>> {
+pub(crate) fn text_of<'a>(obj: &'a Bound<'_, PyAny>) -> Option<std::borrow::Cow<'a, str>> {
     if let Ok(s) = obj.downcast::<PyString>() {
         return s.to_cow().ok();
     }
@@ -329,17 +329,30 @@ impl TensorFactory {
         let Ok(key) = key.downcast::<PyString>() else {
             return Ok(None);
         };
-        let key = key.to_str()?;
-        if !self.all_cpu && text_of(location).as_deref() != Some("cpu") {
-            return Ok(None);
-        }
-        let Some(dtype) = self.storage_dtype(py, storage_type)? else {
-            return Ok(None);
-        };
+        let cpu = text_of(location).as_deref() == Some("cpu");
         let Ok(numel) = numel.extract::<u64>() else {
             return Ok(None);
         };
-        let Some(record) = record.or_else(|| self.record_of(key)) else {
+        let Some(record) = record.or_else(|| self.record_of(key.to_str().ok()?)) else {
+            return Ok(None);
+        };
+        self.slot_for(py, storage_type, cpu, numel, record)
+    }
+
+    /// `new_slot` with the persistent id taken apart: the storage class, whether its
+    /// location is 'cpu', its element count and its record.
+    pub(crate) fn slot_for(
+        &mut self,
+        py: Python<'_>,
+        storage_type: &Bound<'_, PyAny>,
+        cpu: bool,
+        numel: u64,
+        record: usize,
+    ) -> PyResult<Option<Slot>> {
+        if !self.all_cpu && !cpu {
+            return Ok(None);
+        }
+        let Some(dtype) = self.storage_dtype(py, storage_type)? else {
             return Ok(None);
         };
         let size = self.archive.get().archive.records()[record].size;

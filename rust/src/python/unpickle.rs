@@ -26,7 +26,7 @@ use pyo3::types::{PyBytes, PyDict, PyFloat, PyList, PyString, PyTuple};
 use rustc_hash::FxHashMap;
 
 use super::errors::CheckpointError;
-use super::factory::{Extras, Slot, TensorFactory, View};
+use super::factory::{text_of, Extras, Slot, TensorFactory, View};
 use crate::pickle::op;
 
 /// The tensor rebuild functions, which run natively and so have no object here.
@@ -44,8 +44,20 @@ struct LazyTuple {
     obj: OnceCell<Py<PyAny>>,
 }
 
+/// A string of the pickle, made a Python object only when something needs one (a
+/// storage key, say, is only looked up). Made once, so every reference to a memoized
+/// string gets the same object, as with `_pickle`.
+struct LazyStr {
+    /// Its UTF-8 bytes in the pickle (already validated).
+    start: usize,
+    len: usize,
+    obj: OnceCell<Py<PyAny>>,
+}
+
 enum Value {
     Obj(Py<PyAny>),
+    /// An index into the machine's strings.
+    Str(usize),
     Native(Native),
     Int(i64),
     /// An index into the machine's tuples.
@@ -63,6 +75,7 @@ impl Value {
             Value::Obj(o) => Value::Obj(o.clone_ref(py)),
             Value::Native(n) => Value::Native(*n),
             Value::Int(i) => Value::Int(*i),
+            Value::Str(i) => Value::Str(*i),
             Value::Tuple(t) => Value::Tuple(*t),
             Value::EmptyOrderedDict(c) => Value::EmptyOrderedDict(*c),
             Value::Storage(s) => Value::Storage(*s),
@@ -132,6 +145,7 @@ pub fn run(
         memo_len: 0,
         tuples: Vec::with_capacity((data.len() / 16).min(1 << 20)),
         items: Vec::with_capacity((data.len() / 8).min(1 << 21)),
+        strings: Vec::with_capacity((data.len() / 32).min(1 << 20)),
         ordered_dicts: Vec::new(),
         slots: Vec::new(),
         slot_of_record: Vec::new(),
@@ -165,6 +179,7 @@ struct Machine<'py, 'a> {
     /// Arenas: tuples, their items, and empty ordered dicts, referred to by index.
     tuples: Vec<LazyTuple>,
     items: Vec<Value>,
+    strings: Vec<LazyStr>,
     ordered_dicts: Vec<OnceCell<Py<PyAny>>>,
     slots: Vec<Slot>,
     /// Record index -> index into `slots` (u32::MAX: none yet).
@@ -189,7 +204,7 @@ macro_rules! need {
     };
 }
 
-impl<'py> Machine<'py, '_> {
+impl<'py, 'a> Machine<'py, 'a> {
     /// The Python object for a value; `None` for values that have none (a storage or
     /// a rebuild function outside a rebuild), which ends the run.
     fn object(&self, v: &Value) -> PyResult<Option<Bound<'py, PyAny>>> {
@@ -206,6 +221,15 @@ impl<'py> Machine<'py, '_> {
         Ok(Some(match v {
             Value::Obj(o) => o.bind(py).clone(),
             Value::Int(i) => i.into_pyobject(py)?.into_any(),
+            Value::Str(i) => {
+                let s = &self.strings[*i];
+                if let Some(o) = s.obj.get() {
+                    return Ok(Some(o.bind(py).clone()));
+                }
+                let o = PyString::new(py, need!(self.str_at(*i))).into_any();
+                s.obj.get_or_init(|| o.clone().unbind());
+                o
+            }
             Value::Tuple(i) => {
                 let t = &self.tuples[*i];
                 if let Some(o) = t.obj.get() {
@@ -327,12 +351,34 @@ impl<'py> Machine<'py, '_> {
     }
 
     fn string(&mut self, n: usize) -> Option<()> {
+        let start = self.cur.pos;
         let b = self.cur.take(n)?;
         // Python's unpickler decodes with 'surrogatepass'; plain UTF-8 covers real
         // state dicts, and anything else goes to it.
-        let s = std::str::from_utf8(b).ok()?;
-        self.push_obj(PyString::new(self.py, s).into_any());
+        std::str::from_utf8(b).ok()?;
+        self.strings.push(LazyStr {
+            start,
+            len: n,
+            obj: OnceCell::new(),
+        });
+        self.stack.push(Value::Str(self.strings.len() - 1));
         Some(())
+    }
+
+    /// The text of string `i` (`None` only if it were not UTF-8, which `string`
+    /// checked).
+    fn str_at(&self, i: usize) -> Option<&'a str> {
+        let s = &self.strings[i];
+        std::str::from_utf8(self.cur.data.get(s.start..s.start + s.len)?).ok()
+    }
+
+    /// Whether `v` is the string (or bytes) `text`, without making a Python object.
+    fn text_is(&self, v: &Value, text: &str) -> bool {
+        match v {
+            Value::Str(i) => self.str_at(*i) == Some(text),
+            Value::Obj(o) => text_of(o.bind(self.py)).as_deref() == Some(text),
+            _ => false,
+        }
     }
 
     fn global(&mut self, module: String, name: String) -> Option<()> {
@@ -536,33 +582,42 @@ impl<'py> Machine<'py, '_> {
 
     /// BINPERSID: the factory slot for `('storage', type, key, location, numel)`,
     /// shared by every id with the same key (as torch's loader shares storages).
+    /// The key and strings are read in place: no Python object is made for them.
     fn storage(&mut self, factory: &mut TensorFactory, pid: &Value) -> PyResult<Option<usize>> {
+        let py = self.py;
         let Some(items) = self.items_of(pid) else {
             return Ok(None);
         };
-        if items.len() != 5 {
+        if items.len() != 5 || !self.text_is(&items[0], "storage") {
             return Ok(None);
         }
-        let mut parts = Vec::with_capacity(5);
-        for item in items {
-            parts.push(need!(self.object(item)?));
-        }
-        // One storage per record, shared by every id that names it (as torch shares
-        // storages by key).
-        let Ok(key) = parts[2].downcast::<PyString>() else {
+        let cpu = self.text_is(&items[3], "cpu");
+        let numel = match &items[4] {
+            Value::Int(n) => u64::try_from(*n).ok(),
+            v => need!(self.object(v)?).extract::<u64>().ok(),
+        };
+        let Some(numel) = numel else {
             return Ok(None);
         };
-        let Some(record) = factory.record_of(key.to_str()?) else {
+        let record = match &items[2] {
+            Value::Str(i) => factory.record_of(need!(self.str_at(*i))),
+            Value::Obj(o) => match o.bind(py).downcast::<PyString>() {
+                Ok(key) => factory.record_of(key.to_str()?),
+                Err(_) => None,
+            },
+            _ => None,
+        };
+        let Some(record) = record else {
             return Ok(None);
         };
+        let storage_type = need!(self.object(&items[1])?);
         if self.slot_of_record.is_empty() {
             self.slot_of_record = vec![u32::MAX; factory.record_count()];
         }
         if let Some(&i) = self.slot_of_record.get(record).filter(|&&i| i != u32::MAX) {
             return Ok(Some(i as usize));
         }
-        let parts = [&parts[0], &parts[1], &parts[2], &parts[3], &parts[4]];
-        let Some(slot) = factory.new_slot(self.py, parts, Some(record))? else {
+        let Some(slot) = factory.slot_for(py, &storage_type, cpu, numel, record)? else {
             return Ok(None);
         };
         self.slots.push(slot);

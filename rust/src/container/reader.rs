@@ -1022,9 +1022,9 @@ mod tests {
             let h = one.get(&format!("data/{i}")).unwrap().header_offset as usize;
             bytes[h] ^= 0xff;
         }
-        let err = Archive::open(counting(bytes))
-            .err()
-            .expect("bad headers must fail");
+        let Err(err) = Archive::open(counting(bytes)) else {
+            panic!("bad headers must fail");
+        };
         let msg = err.to_string();
         assert!(
             msg.contains(&format!("archive/data/{}'", n / 4 + 7)),

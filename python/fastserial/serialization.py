@@ -279,6 +279,9 @@ def _sniff(head: bytes) -> str:
 
 
 def _open_checkpoint(f, mmap: bool) -> _Opened:
+    """Opens a checkpoint. An unmapped file's storage records have their local
+    headers read when their data is first needed, all at once: on the loader's
+    prefetch thread while the pickle runs, for loads of many small tensors."""
     display = _display_name(f)
     if _is_path(f):
         path = os.fspath(f)
@@ -288,7 +291,8 @@ def _open_checkpoint(f, mmap: bool) -> _Opened:
             raise CheckpointError(f"{display}: the file is empty, not a checkpoint")
         kind = _sniff(head)
         if kind == "zip":
-            return _Opened("zip", display, archive=_native.Archive.open_path(path, mmap=mmap))
+            archive = _native.Archive.open_path(path, mmap=mmap, defer_data=not mmap)
+            return _Opened("zip", display, archive=archive)
         fh = open(path, "rb")
         return _Opened(kind, display, stream=fh, closer=fh.close)
 
@@ -329,7 +333,9 @@ def _open_checkpoint(f, mmap: bool) -> _Opened:
             raise CheckpointError(f"{display}: the file is empty, not a checkpoint")
         kind = _sniff(head)
         if kind == "zip":
-            archive = _native.Archive.open_fd(os.dup(fileno), display, mmap=mmap)
+            archive = _native.Archive.open_fd(
+                os.dup(fileno), display, mmap=mmap, defer_data=not mmap
+            )
             f.seek(0, io.SEEK_END)
             return _Opened("zip", display, archive=archive)
         return _Opened(kind, display, stream=f)

@@ -87,9 +87,14 @@ pub struct Record {
     pub compressed_size: u64,
     pub size: u64,
     pub header_offset: u64,
-    /// File offset of the first data byte (resolved from the local header).
+    /// File offset of the first data byte (resolved from the local header), or
+    /// [`UNRESOLVED`] until then for archives opened with `open_deferring_data`: read
+    /// it through [`Archive::offset_of`].
     pub data_offset: u64,
 }
+
+/// The `data_offset` of a record whose local header has not been read yet.
+pub const UNRESOLVED: u64 = u64::MAX;
 
 /// Limits that keep hostile archives from making us allocate or loop without bound.
 pub const MAX_ENTRIES: u64 = 1 << 26;
@@ -111,6 +116,11 @@ pub struct Archive {
     /// Record index by name *without* the top folder (e.g. `data/0`).
     by_name: FxHashMap<String, usize>,
     prefix: String,
+    cd_offset: u64,
+    /// Whether some records' local headers were left unread (`open_deferring_data`).
+    deferred: bool,
+    /// Those records' data offsets, by record index, once read.
+    late: std::sync::OnceLock<Vec<u64>>,
 }
 
 impl std::fmt::Debug for Archive {
@@ -178,6 +188,18 @@ fn apply_zip64_extra(
 impl Archive {
     /// Parses the container's directory from `source`.
     pub fn open(source: Box<dyn Source>) -> Result<Archive> {
+        Self::open_with(source, false)
+    }
+
+    /// `open`, but the local headers of the `data/` records (tensor storages) of a
+    /// file source are read only when a record's data is first needed, then all at
+    /// once: a loader can read them on a worker thread, off its critical path
+    /// (`resolve_deferred`). A bad one is reported then, naming its record.
+    pub fn open_deferring_data(source: Box<dyn Source>) -> Result<Archive> {
+        Self::open_with(source, true)
+    }
+
+    fn open_with(source: Box<dyn Source>, defer_data: bool) -> Result<Archive> {
         let len = source.len();
         if len < END_OF_CENTRAL_DIRECTORY_SIZE as u64 {
             return Err(malformed(format!(
@@ -377,11 +399,22 @@ impl Archive {
 
         // 5. Local headers: data starts after the header's own name and extra field.
         //    Many records: the name index is built meanwhile, on a thread of its own.
+        let data_dir = format!("{prefix}/data/");
+        let defer = |r: &Record| defer_data && r.name.starts_with(&data_dir);
+        let now: Vec<usize> = if defer_data && source.as_slice().is_none() {
+            (0..records.len())
+                .filter(|&i| !defer(&records[i]))
+                .collect()
+        } else {
+            (0..records.len()).collect()
+        };
+        let deferred = now.len() < records.len();
+        let threads = default_threads();
         let by_name = if records.len() >= PARALLEL_OPEN_MIN {
             let offsets = std::thread::scope(|scope| {
                 let shared: &[Record] = &records;
                 let index = scope.spawn(move || name_index(shared));
-                let offsets = data_offsets(&*source, shared, cd_offset);
+                let offsets = data_offsets(&*source, shared, now, cd_offset, threads);
                 (offsets, index.join())
             });
             match offsets {
@@ -392,16 +425,81 @@ impl Archive {
                 (_, Err(panic)) => std::panic::resume_unwind(panic),
             }
         } else {
-            let offsets = data_offsets(&*source, &records, cd_offset)?;
+            let offsets = data_offsets(&*source, &records, now, cd_offset, threads)?;
             apply_data_offsets(&mut records, offsets);
             name_index(&records)
         };
+        if deferred {
+            for r in records.iter_mut().filter(|r| defer(r)) {
+                // What the central directory alone can check now: the data, which
+                // starts after at least the header and name, fits the record area (a
+                // record declaring more than the file holds is refused at open).
+                let min_start = r
+                    .header_offset
+                    .checked_add((LOCAL_FILE_HEADER_SIZE + r.name.len()) as u64);
+                if min_start
+                    .and_then(|m| m.checked_add(r.compressed_size))
+                    .is_none_or(|end| end > cd_offset)
+                {
+                    return Err(Error::bad_record(
+                        &r.name,
+                        format!(
+                            "data (local header at offset {}, {} bytes) runs past the end of the record area; the file is truncated or corrupted",
+                            r.header_offset, r.compressed_size
+                        ),
+                    ));
+                }
+                r.data_offset = UNRESOLVED;
+            }
+        }
         Ok(Archive {
             source,
             records,
             by_name,
             prefix,
+            cd_offset,
+            deferred,
+            late: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Reads the local headers `open_deferring_data` left unread, on up to `threads`
+    /// threads (once; later calls return at once).
+    pub fn resolve_deferred(&self, threads: usize) -> Result<()> {
+        if !self.deferred || self.late.get().is_some() {
+            return Ok(());
+        }
+        let which: Vec<usize> = (0..self.records.len())
+            .filter(|&i| self.records[i].data_offset == UNRESOLVED)
+            .collect();
+        let offsets = data_offsets(&*self.source, &self.records, which, self.cd_offset, threads)?;
+        let mut late = vec![UNRESOLVED; self.records.len()];
+        for (i, offset) in offsets {
+            late[i] = offset;
+        }
+        let _ = self.late.set(late);
+        Ok(())
+    }
+
+    /// The file offset of a record's first data byte, reading the deferred local
+    /// headers first when it is one of them. `rec` must be one of `records()`.
+    pub fn offset_of(&self, rec: &Record) -> Result<u64> {
+        if rec.data_offset != UNRESOLVED {
+            return Ok(rec.data_offset);
+        }
+        if self.late.get().is_none() {
+            // (Not default_threads() on every call: it reads cgroup files.)
+            self.resolve_deferred(default_threads())?;
+        }
+        // The record's index, from its address within `records` (no unsafe needed).
+        let base = self.records.as_ptr() as usize;
+        let at = (rec as *const Record as usize).wrapping_sub(base);
+        let size = std::mem::size_of::<Record>();
+        let offset = (at % size == 0)
+            .then(|| at / size)
+            .and_then(|i| self.late.get()?.get(i).copied())
+            .filter(|&o| o != UNRESOLVED);
+        offset.ok_or_else(|| Error::Usage(format!("record '{}' is not in this archive", rec.name)))
     }
 
     /// The archive's top folder name (`archive` for buffers, the file stem for paths).
@@ -450,7 +548,7 @@ impl Archive {
             return None;
         }
         let mem = self.source.as_slice()?;
-        let start = usize::try_from(rec.data_offset).ok()?;
+        let start = usize::try_from(self.offset_of(rec).ok()?).ok()?;
         mem.get(start..start.checked_add(usize::try_from(rec.size).ok()?)?)
     }
 
@@ -489,7 +587,7 @@ impl Archive {
         match rec.compression {
             Compression::Stored => {
                 self.source
-                    .read_exact_at(dst, rec.data_offset)
+                    .read_exact_at(dst, self.offset_of(rec)?)
                     .map_err(|e| Error::io(format!("reading record '{}'", rec.name), e))?;
             }
             Compression::Deflated => self.inflate_into(rec, dst)?,
@@ -501,13 +599,14 @@ impl Archive {
     }
 
     fn inflate_into(&self, rec: &Record, dst: &mut [u8]) -> Result<()> {
+        let at = self.offset_of(rec)?;
         let compressed = match self.source.as_slice() {
-            Some(mem) => std::borrow::Cow::Borrowed(
-                &mem[rec.data_offset as usize..(rec.data_offset + rec.compressed_size) as usize],
-            ),
+            Some(mem) => {
+                std::borrow::Cow::Borrowed(&mem[at as usize..(at + rec.compressed_size) as usize])
+            }
             None => std::borrow::Cow::Owned(read_vec(
                 &*self.source,
-                rec.data_offset,
+                at,
                 usize::try_from(rec.compressed_size).map_err(|_| {
                     Error::bad_record(&rec.name, "compressed record too large for this machine")
                 })?,
@@ -537,9 +636,11 @@ impl Archive {
         verify_crc: bool,
     ) -> Result<()> {
         const PIECE: usize = 8 << 20;
+        self.resolve_deferred(threads)?;
         let mut pieces: Vec<Piece<'_>> = Vec::new();
         for job in jobs {
             let rec = job.record;
+            let at = self.offset_of(rec)?;
             if job.dst.len() as u64 != rec.size {
                 return Err(Error::bad_record(
                     &rec.name,
@@ -554,6 +655,7 @@ impl Archive {
             if rec.compression == Compression::Deflated || verify_crc || job.dst.len() <= PIECE {
                 pieces.push(Piece {
                     record: rec,
+                    at,
                     offset: 0,
                     dst: job.dst,
                     swap: job.swap,
@@ -565,6 +667,7 @@ impl Archive {
                     let n = chunk.len() as u64;
                     pieces.push(Piece {
                         record: rec,
+                        at,
                         offset: off,
                         dst: chunk,
                         swap: job.swap,
@@ -632,11 +735,11 @@ impl Archive {
                 p.whole && p.record.compression == Compression::Stored && p.dst.len() <= SMALL
             });
         let mut work: Vec<Work<'a>> = big.into_iter().map(Work::One).collect();
-        small.sort_by_key(|p| p.record.data_offset);
+        small.sort_by_key(|p| p.at);
         let mut group: Vec<Piece<'a>> = Vec::new();
         let (mut start, mut end) = (0u64, 0u64);
         for p in small {
-            let (off, len) = (p.record.data_offset, p.record.size);
+            let (off, len) = (p.at, p.record.size);
             let fits = !group.is_empty()
                 && off >= end
                 && off - end <= GAP
@@ -684,7 +787,7 @@ impl Archive {
                 .try_for_each(|p| self.read_piece(p, verify_crc));
         }
         for p in pieces {
-            let at = (p.record.data_offset - start) as usize;
+            let at = (p.at - start) as usize;
             p.dst.copy_from_slice(&scratch[at..at + p.dst.len()]);
             if verify_crc {
                 check_crc(p.record, p.dst)?;
@@ -703,7 +806,7 @@ impl Archive {
             self.read_into(p.record, p.dst, verify_crc)?;
         } else {
             self.source
-                .read_exact_at(p.dst, p.record.data_offset + p.offset)
+                .read_exact_at(p.dst, p.at + p.offset)
                 .map_err(|e| Error::io(format!("reading record '{}'", p.record.name), e))?;
         }
         if p.swap > 1 {
@@ -719,13 +822,14 @@ impl Archive {
         }
         // Stream through a bounded buffer so verifying a huge record stays small.
         if rec.compression == Compression::Stored {
+            let at = self.offset_of(rec)?;
             let mut hasher = crc32fast::Hasher::new();
             let mut buf = vec![0u8; (4usize << 20).min(rec.size as usize)];
             let mut off = 0u64;
             while off < rec.size {
                 let n = ((rec.size - off) as usize).min(buf.len());
                 self.source
-                    .read_exact_at(&mut buf[..n], rec.data_offset + off)
+                    .read_exact_at(&mut buf[..n], at + off)
                     .map_err(|e| Error::io(format!("reading record '{}'", rec.name), e))?;
                 hasher.update(&buf[..n]);
                 off += n as u64;
@@ -769,6 +873,8 @@ impl Work<'_> {
 
 struct Piece<'a> {
     record: &'a Record,
+    /// The record's data offset in the file.
+    at: u64,
     offset: u64,
     dst: &'a mut [u8],
     swap: usize,
@@ -797,20 +903,28 @@ fn check_crc(rec: &Record, bytes: &[u8]) -> Result<()> {
 /// threads, and index their names meanwhile.
 const PARALLEL_OPEN_MIN: usize = 4096;
 
-/// Each record's data offset, from its local header, as `(record, offset)`. Headers
-/// are read through a window, so thousands of small neighbouring records cost a
-/// handful of reads. Many records are split into runs of neighbouring headers,
-/// resolved on several threads; the error reported is still the first in file order.
+/// Threads for reading local headers: the cores available, at most 4.
+fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(4))
+}
+
+/// The data offsets of records `which`, from their local headers, as `(record,
+/// offset)`. Headers are read through a window, so thousands of small neighbouring
+/// records cost a handful of reads. Many records are split into runs of neighbouring
+/// headers, resolved on up to `threads` threads; the error reported is still the
+/// first in file order.
 fn data_offsets(
     source: &dyn Source,
     records: &[Record],
+    which: Vec<usize>,
     cd_offset: u64,
+    threads: usize,
 ) -> Result<Vec<(usize, u64)>> {
-    let mut order: Vec<usize> = (0..records.len()).collect();
+    let mut order = which;
     order.sort_by_key(|&i| records[i].header_offset);
     let starts: Vec<u64> = order.iter().map(|&i| records[i].header_offset).collect();
     let threads = if source.as_slice().is_none() && order.len() >= PARALLEL_OPEN_MIN {
-        std::thread::available_parallelism().map_or(1, |n| n.get().min(4))
+        threads.max(1)
     } else {
         1
     };
@@ -896,9 +1010,16 @@ fn resolve_run(
                     return read_vec(source, start, want, "local header").map(|_| ());
                 }
                 window.resize(want, 0);
-                if let Err(e) = source.read_exact_at(&mut window, start) {
+                if source.read_exact_at(&mut window, start).is_err() {
+                    // The window may reach past a file that shrank since it was opened:
+                    // read just this header, so an error names the record it is of.
                     window.clear();
-                    return Err(Error::io("reading local header", e));
+                    return source.read_exact_at(dst, start).map_err(|e| {
+                        Error::io(
+                            format!("reading the local header of record '{}'", rec.name),
+                            e,
+                        )
+                    });
                 }
                 window_start = start;
             }
@@ -1031,6 +1152,83 @@ mod tests {
             "{msg}"
         );
         assert!(msg.contains("no local header"), "{msg}");
+    }
+
+    #[test]
+    fn deferred_headers_resolve_on_first_use_like_at_open() {
+        let n = 300;
+        let bytes = many_records(n);
+        let eager = Archive::open(Box::new(MemorySource(bytes.clone()))).unwrap();
+        let calls = Arc::new(AtomicU64::new(0));
+        let lazy = Archive::open_deferring_data(Box::new(CountingSource {
+            bytes,
+            read: Arc::new(AtomicU64::new(0)),
+            calls: calls.clone(),
+        }))
+        .unwrap();
+        let opened_with = calls.load(Ordering::Relaxed);
+        // data/ records wait; data.pkl-like records outside data/ do not exist here.
+        assert!(lazy.records().iter().all(|r| r.data_offset == UNRESOLVED));
+        let mut bufs: Vec<Vec<u8>> = vec![vec![0u8; 100]; n];
+        let jobs = lazy
+            .records()
+            .iter()
+            .zip(bufs.iter_mut())
+            .map(|(record, dst)| ReadJob {
+                record,
+                dst,
+                swap: 0,
+            })
+            .collect();
+        lazy.read_many_into(jobs, 2, true).unwrap();
+        for (i, b) in bufs.iter().enumerate() {
+            assert_eq!(b, &vec![(i % 251) as u8; 100]);
+        }
+        // Every header was read in a few windows, not one read per record.
+        assert!(calls.load(Ordering::Relaxed) - opened_with < 20);
+        for (a, b) in eager.records().iter().zip(lazy.records()) {
+            assert_eq!(lazy.offset_of(b).unwrap(), a.data_offset);
+        }
+    }
+
+    #[test]
+    fn deferred_header_errors_name_their_record_at_first_use() {
+        let n = 300;
+        let mut bytes = many_records(n);
+        let eager = Archive::open(Box::new(MemorySource(bytes.clone()))).unwrap();
+        let h = eager.get("data/123").unwrap().header_offset as usize;
+        bytes[h] ^= 0xff;
+        let lazy = Archive::open_deferring_data(counting(bytes)).unwrap();
+        let rec = lazy.get("data/5").unwrap();
+        let msg = lazy.read(rec, false).unwrap_err().to_string();
+        assert!(msg.contains("'archive/data/123'"), "{msg}");
+        assert!(msg.contains("no local header"), "{msg}");
+    }
+
+    #[test]
+    fn deferred_records_declaring_more_than_the_file_are_refused_at_open() {
+        let mut w = ArchiveWriter::new(Vec::new(), "archive");
+        w.write_record("data.pkl", b"x").unwrap();
+        w.write_record("data/0", &[1u8; 64]).unwrap();
+        let mut bytes = w.finish().unwrap();
+        // Rewrite data/0's sizes in the central directory to 1 GiB.
+        let eager = Archive::open(Box::new(MemorySource(bytes.clone()))).unwrap();
+        let name = b"archive/data/0";
+        let cd = bytes
+            .windows(4 + 42 + name.len())
+            .position(|w| w[..4] == 0x0201_4b50u32.to_le_bytes() && &w[46..] == name)
+            .expect("central directory entry of data/0");
+        bytes[cd + 20..cd + 24].copy_from_slice(&(1u32 << 30).to_le_bytes());
+        bytes[cd + 24..cd + 28].copy_from_slice(&(1u32 << 30).to_le_bytes());
+        assert_eq!(eager.records().len(), 2);
+        let Err(err) = Archive::open_deferring_data(counting(bytes)) else {
+            panic!("a record larger than the file must be refused at open");
+        };
+        let msg = err.to_string();
+        assert!(
+            msg.contains("archive/data/0") && msg.contains("runs past"),
+            "{msg}"
+        );
     }
 
     #[test]

@@ -514,17 +514,18 @@ impl TensorFactory {
         if let Some(mapping) = &self.mapping {
             let archive = self.archive(py);
             let rec = &archive.archive.records()[p.record];
+            let data_offset = archive.archive.offset_of(rec).map_err(at(&archive.file))?;
             // Zero-copy only for records on torch's 64-byte alignment: anything else
             // (archives re-zipped without padding) is copied to aligned memory.
             let plain =
-                rec.compression == Compression::Stored && swap <= 1 && rec.data_offset % 64 == 0;
+                rec.compression == Compression::Stored && swap <= 1 && data_offset % 64 == 0;
             if !plain {
                 return Ok(None);
             }
             let kwargs = PyDict::new(py);
             kwargs.set_item(intern!(py, "dtype"), dtype)?;
             kwargs.set_item(intern!(py, "count"), numel)?;
-            kwargs.set_item(intern!(py, "offset"), rec.data_offset)?;
+            kwargs.set_item(intern!(py, "offset"), data_offset)?;
             let t = self
                 .torch
                 .frombuffer
@@ -664,6 +665,7 @@ impl TensorFactory {
                 let result = {
                     let archive = &worker_archive.get().archive;
                     let records = archive.records();
+                    // read_many_into first reads the local headers open left unread.
                     let jobs: Vec<ReadJob<'_>> = list
                         .iter()
                         .map(|&(rec, addr, n)| ReadJob {

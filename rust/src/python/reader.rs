@@ -50,9 +50,16 @@ impl PyArchive {
         source: Box<dyn Source>,
         file: String,
         mapping: Option<Py<MappedBuffer>>,
+        defer: bool,
     ) -> PyResult<Self> {
         let archive = py
-            .allow_threads(|| Archive::open(source))
+            .allow_threads(|| {
+                if defer {
+                    Archive::open_deferring_data(source)
+                } else {
+                    Archive::open(source)
+                }
+            })
             .map_err(at(&file))?;
         Ok(PyArchive {
             archive,
@@ -61,7 +68,13 @@ impl PyArchive {
         })
     }
 
-    fn open_file(py: Python<'_>, file: File, mmap: bool, display: String) -> PyResult<Self> {
+    fn open_file(
+        py: Python<'_>,
+        file: File,
+        mmap: bool,
+        defer: bool,
+        display: String,
+    ) -> PyResult<Self> {
         if mmap {
             // SAFETY: documented mmap contract (MappedFile::map): a private mapping; only
             // truncation of the file by another process while mapped can fault.
@@ -75,11 +88,12 @@ impl PyArchive {
                 Box::new(MemorySource(SharedMap(shared))),
                 display,
                 Some(mapping),
+                false,
             )
         } else {
             let src = FileSource::new(file)
                 .map_err(|e| at(&display)(Error::io("reading file size", e)))?;
-            Self::open_source(py, Box::new(src), display, None)
+            Self::open_source(py, Box::new(src), display, None, defer)
         }
     }
 
@@ -90,10 +104,12 @@ impl PyArchive {
 
 #[pymethods]
 impl PyArchive {
-    /// Opens a checkpoint by path; `mmap=True` maps it copy-on-write.
+    /// Opens a checkpoint by path; `mmap=True` maps it copy-on-write. `defer_data=True`
+    /// leaves the local headers of `data/` records of an unmapped file unread until a
+    /// record's data is first needed (see `Archive::open_deferring_data`).
     #[staticmethod]
-    #[pyo3(signature = (path, mmap=false))]
-    fn open_path(py: Python<'_>, path: PathBuf, mmap: bool) -> PyResult<Self> {
+    #[pyo3(signature = (path, mmap=false, defer_data=false))]
+    fn open_path(py: Python<'_>, path: PathBuf, mmap: bool, defer_data: bool) -> PyResult<Self> {
         let display = path.display().to_string();
         let file = File::open(&path).map_err(|e| at(&display)(Error::io("opening", e)))?;
         if file.metadata().map(|m| m.is_dir()).unwrap_or(false) {
@@ -102,21 +118,27 @@ impl PyArchive {
                 std::io::Error::new(std::io::ErrorKind::IsADirectory, "is a directory"),
             )));
         }
-        Self::open_file(py, file, mmap, display)
+        Self::open_file(py, file, mmap, defer_data, display)
     }
 
     /// Opens a checkpoint from a file descriptor this call takes ownership of
     /// (pass `os.dup(f.fileno())`).
     #[staticmethod]
-    #[pyo3(signature = (fd, display, mmap=false))]
-    fn open_fd(py: Python<'_>, fd: i32, display: String, mmap: bool) -> PyResult<Self> {
+    #[pyo3(signature = (fd, display, mmap=false, defer_data=false))]
+    fn open_fd(
+        py: Python<'_>,
+        fd: i32,
+        display: String,
+        mmap: bool,
+        defer_data: bool,
+    ) -> PyResult<Self> {
         if fd < 0 {
             return Err(PyValueError::new_err("invalid file descriptor"));
         }
         // SAFETY: the caller hands us a freshly duplicated descriptor that nothing else
         // owns; File takes ownership and closes it exactly once.
         let file = unsafe { File::from_raw_fd(fd) };
-        Self::open_file(py, file, mmap, display)
+        Self::open_file(py, file, mmap, defer_data, display)
     }
 
     /// Opens a checkpoint held in memory (bytes, bytearray, memoryview).
@@ -133,6 +155,7 @@ impl PyArchive {
             Box::new(MemorySource(PyBufferBytes(buf))),
             display,
             None,
+            false,
         )
     }
 
@@ -173,7 +196,7 @@ impl PyArchive {
     fn info(&self, name: &str) -> PyResult<(u64, u64, u32, bool)> {
         let r = self.record(name)?;
         Ok((
-            r.data_offset,
+            self.archive.offset_of(r).map_err(at(&self.file))?,
             r.size,
             r.crc32,
             r.compression == Compression::Deflated,
@@ -280,10 +303,11 @@ impl PyArchive {
     fn release(&self, py: Python<'_>, name: &str) -> PyResult<()> {
         let rec = self.record(name)?;
         if let Some(mapping) = &self.mapping {
+            let offset = self.archive.offset_of(rec).map_err(at(&self.file))?;
             let map = &mapping.bind(py).get().map;
             // SAFETY: see MappedFile::discard; the loader calls this only after the
             // record's bytes were copied to a device and its CPU view dropped.
-            unsafe { map.discard(rec.data_offset as usize, rec.size as usize) };
+            unsafe { map.discard(offset as usize, rec.size as usize) };
         }
         Ok(())
     }

@@ -42,6 +42,8 @@ struct LazyTuple {
     start: usize,
     len: usize,
     obj: OnceCell<Py<PyAny>>,
+    /// Memoized: other references to it may exist (see `Machine::release`).
+    shared: bool,
 }
 
 /// A string of the pickle, made a Python object only when something needs one (a
@@ -52,6 +54,8 @@ struct LazyStr {
     start: usize,
     len: usize,
     obj: OnceCell<Py<PyAny>>,
+    /// Memoized: other references to it may exist (see `Machine::release`).
+    shared: bool,
 }
 
 enum Value {
@@ -146,6 +150,7 @@ pub fn run(
         tuples: Vec::with_capacity((data.len() / 16).min(1 << 20)),
         items: Vec::with_capacity((data.len() / 8).min(1 << 21)),
         strings: Vec::with_capacity((data.len() / 32).min(1 << 20)),
+        released: Vec::new(),
         ordered_dicts: Vec::new(),
         slots: Vec::new(),
         slot_of_record: Vec::new(),
@@ -180,6 +185,8 @@ struct Machine<'py, 'a> {
     tuples: Vec<LazyTuple>,
     items: Vec<Value>,
     strings: Vec<LazyStr>,
+    /// Scratch for `release`.
+    released: Vec<Value>,
     ordered_dicts: Vec<OnceCell<Py<PyAny>>>,
     slots: Vec<Slot>,
     /// Record index -> index into `slots` (u32::MAX: none yet).
@@ -301,8 +308,35 @@ impl<'py, 'a> Machine<'py, 'a> {
             start,
             len: self.items.len() - start,
             obj: OnceCell::new(),
+            shared: false,
         });
         self.stack.push(Value::Tuple(self.tuples.len() - 1));
+    }
+
+    /// Lets go of a value popped for good (a persistent id, a rebuild's arguments, a
+    /// dict's key). A tuple or string that was never memoized has no other
+    /// reference; when it is also the last of its arena its entry is dropped, with
+    /// the nested ones that were last before it. The arenas then stay small and in
+    /// cache for pickles that memoize little (fastserial's own: tens of bytes per
+    /// tensor instead of hundreds of fresh memory).
+    fn release(&mut self, v: Value) {
+        let mut work = std::mem::take(&mut self.released);
+        work.push(v);
+        while let Some(v) = work.pop() {
+            match v {
+                Value::Tuple(i) if i + 1 == self.tuples.len() && !self.tuples[i].shared => {
+                    let t = self.tuples.pop().expect("i is the last tuple");
+                    // The last tuple's items are the items arena's tail; its nested
+                    // values were made before it, so they are released last-first.
+                    work.extend(self.items.drain(t.start..));
+                }
+                Value::Str(i) if i + 1 == self.strings.len() && !self.strings[i].shared => {
+                    self.strings.pop();
+                }
+                _ => {}
+            }
+        }
+        self.released = work;
     }
 
     /// A tuple's items.
@@ -322,6 +356,11 @@ impl<'py, 'a> Machine<'py, 'a> {
             return None;
         }
         let top = self.stack.last()?.clone_ref(self.py);
+        match top {
+            Value::Tuple(i) => self.tuples[i].shared = true,
+            Value::Str(i) => self.strings[i].shared = true,
+            _ => {}
+        }
         let idx = idx as usize;
         if self.memo.len() <= idx {
             self.memo.resize_with(idx + 1, || None);
@@ -360,6 +399,7 @@ impl<'py, 'a> Machine<'py, 'a> {
             start,
             len: n,
             obj: OnceCell::new(),
+            shared: false,
         });
         self.stack.push(Value::Str(self.strings.len() - 1));
         Some(())
@@ -517,6 +557,9 @@ impl<'py, 'a> Machine<'py, 'a> {
                         let v = need!(self.object(&kv[1])?);
                         d.set_item(k, v)?;
                     }
+                    for v in items.into_iter().rev() {
+                        self.release(v);
+                    }
                 }
                 op::APPEND => {
                     let v = need!(self.pop_obj()?);
@@ -550,6 +593,7 @@ impl<'py, 'a> Machine<'py, 'a> {
                 op::BINPERSID => {
                     let pid = need!(self.pop());
                     let slot = need!(self.storage(factory, &pid)?);
+                    self.release(pid);
                     self.stack.push(Value::Storage(slot));
                 }
                 op::REDUCE => {
@@ -640,6 +684,7 @@ impl<'py, 'a> Machine<'py, 'a> {
                     return Ok(None);
                 };
                 let t = need!(self.rebuild(factory, kind, args)?);
+                self.release(Value::Tuple(args));
                 Ok(Some(Value::Obj(t)))
             }
             Value::Obj(f) => {

@@ -91,28 +91,45 @@ struct Scanner<'a> {
 }
 
 impl<'a> Scanner<'a> {
+    #[cold]
     fn err(&self, msg: impl std::fmt::Display) -> Error {
         Error::Pickle(format!("{msg} (at byte {})", self.pos))
     }
+    #[cold]
+    fn short(&self, n: u64) -> Error {
+        self.err(format!(
+            "declares {n} bytes but only {} remain: truncated or corrupted",
+            self.data.len() - self.pos.min(self.data.len())
+        ))
+    }
+    // Inlined: called for every opcode and argument (a call each was a quarter of a
+    // scan's time).
+    #[inline(always)]
     fn take(&mut self, n: u64) -> Result<&'a [u8]> {
-        let n = usize::try_from(n).map_err(|_| self.err("length too large"))?;
-        let end = self
-            .pos
-            .checked_add(n)
+        match usize::try_from(n)
+            .ok()
+            .and_then(|n| self.pos.checked_add(n))
             .filter(|&e| e <= self.data.len())
-            .ok_or_else(|| {
-                self.err(format!(
-                    "declares {n} bytes but only {} remain: truncated or corrupted",
-                    self.data.len() - self.pos.min(self.data.len())
-                ))
-            })?;
-        let s = &self.data[self.pos..end];
-        self.pos = end;
-        Ok(s)
+        {
+            Some(end) => {
+                let s = &self.data[self.pos..end];
+                self.pos = end;
+                Ok(s)
+            }
+            None => Err(self.short(n)),
+        }
     }
+    #[inline(always)]
     fn u8(&mut self) -> Result<u8> {
-        Ok(self.take(1)?[0])
+        match self.data.get(self.pos) {
+            Some(&b) => {
+                self.pos += 1;
+                Ok(b)
+            }
+            None => Err(self.short(1)),
+        }
     }
+    #[inline(always)]
     fn le(&mut self, n: usize) -> Result<u64> {
         let b = self.take(n as u64)?;
         let mut v = 0u64;

@@ -115,6 +115,9 @@ pub struct Archive {
     records: Vec<Record>,
     /// Record index by name *without* the top folder (e.g. `data/0`).
     by_name: FxHashMap<String, usize>,
+    /// `data/N` records by number N (index + 1; 0: none), for N below a bound:
+    /// torch numbers storages, and a table lookup is much cheaper than hashing.
+    by_number: Vec<u32>,
     prefix: String,
     cd_offset: u64,
     /// Whether some records' local headers were left unread (`open_deferring_data`).
@@ -385,16 +388,23 @@ impl Archive {
         let name_index = |records: &[Record]| {
             let mut by_name =
                 FxHashMap::with_capacity_and_hasher(records.len(), Default::default());
+            let mut by_number = vec![0u32; number_bound(records.len())];
             let plen = prefix.len() + 1;
             for (i, r) in records.iter().enumerate() {
                 if r.name.len() > plen
                     && r.name.as_bytes()[prefix.len()] == b'/'
                     && r.name.starts_with(&prefix)
                 {
-                    by_name.insert(r.name[plen..].to_string(), i);
+                    let name = &r.name[plen..];
+                    let number = name.strip_prefix("data/").and_then(storage_number);
+                    // A duplicate name: the later record wins, as in by_name.
+                    if let Some(slot) = number.and_then(|n| by_number.get_mut(n)) {
+                        *slot = u32::try_from(i + 1).unwrap_or(0);
+                    }
+                    by_name.insert(name.to_string(), i);
                 }
             }
-            by_name
+            (by_name, by_number)
         };
 
         // 5. Local headers: data starts after the header's own name and extra field.
@@ -410,7 +420,7 @@ impl Archive {
         };
         let deferred = now.len() < records.len();
         let threads = default_threads();
-        let by_name = if records.len() >= PARALLEL_OPEN_MIN {
+        let (by_name, by_number) = if records.len() >= PARALLEL_OPEN_MIN {
             let offsets = std::thread::scope(|scope| {
                 let shared: &[Record] = &records;
                 let index = scope.spawn(move || name_index(shared));
@@ -456,6 +466,7 @@ impl Archive {
             source,
             records,
             by_name,
+            by_number,
             prefix,
             cd_offset,
             deferred,
@@ -523,6 +534,14 @@ impl Archive {
     /// The index in `records()` of the record named `name` inside the top folder.
     pub fn index_of(&self, name: &str) -> Option<usize> {
         self.by_name.get(name).copied()
+    }
+
+    /// The index of record `data/KEY` when KEY is a number (torch's storage keys):
+    /// `Some(found)`, or `None` when `index_of("data/KEY")` must decide.
+    pub fn storage_by_number(&self, key: &str) -> Option<Option<usize>> {
+        let n = storage_number(key)?;
+        let i = *self.by_number.get(n)?;
+        Some(i.checked_sub(1).map(|i| i as usize))
     }
 
     pub fn require(&self, name: &str) -> Result<&Record> {
@@ -903,6 +922,24 @@ fn check_crc(rec: &Record, bytes: &[u8]) -> Result<()> {
 /// threads, and index their names meanwhile.
 const PARALLEL_OPEN_MIN: usize = 4096;
 
+/// The number a storage key spells in canonical decimal ("0", "17"; not "007" or
+/// "+1", which name other records).
+fn storage_number(key: &str) -> Option<usize> {
+    let b = key.as_bytes();
+    if b.is_empty() || b.len() > 9 || (b[0] == b'0' && b.len() > 1) {
+        return None;
+    }
+    b.iter().try_fold(0usize, |n, &c| {
+        c.is_ascii_digit().then(|| n * 10 + (c - b'0') as usize)
+    })
+}
+
+/// Storage numbers below this are indexed by `Archive::by_number`: a few times the
+/// record count covers torch's numbering, and bounds the table by the archive.
+fn number_bound(records: usize) -> usize {
+    records.saturating_mul(4).saturating_add(16)
+}
+
 /// Threads for reading local headers: the cores available, at most 4.
 fn default_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get().min(4))
@@ -1229,6 +1266,34 @@ mod tests {
             msg.contains("archive/data/0") && msg.contains("runs past"),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn numbered_storage_keys_find_the_same_records_as_names() {
+        let mut w = ArchiveWriter::new(Vec::new(), "archive");
+        for name in [
+            "data.pkl",
+            "data/0",
+            "data/7",
+            "data/007",
+            "data/x",
+            "data/99999999",
+        ] {
+            w.write_record(name, name.as_bytes()).unwrap();
+        }
+        let a = Archive::open(Box::new(MemorySource(w.finish().unwrap()))).unwrap();
+        let by_name = |k: &str| a.index_of(&format!("data/{k}"));
+        for key in ["0", "7"] {
+            assert_eq!(a.storage_by_number(key), Some(by_name(key)));
+            assert!(by_name(key).is_some());
+        }
+        // Numbered but absent, below the table's bound: known absent.
+        assert_eq!(a.storage_by_number("3"), Some(None));
+        // Not canonical decimal, not a number, or beyond the table: the name decides.
+        for key in ["007", "x", "+7", "", "99999999"] {
+            assert_eq!(a.storage_by_number(key), None, "{key}");
+        }
+        assert!(by_name("007").is_some() && by_name("007") != by_name("7"));
     }
 
     #[test]

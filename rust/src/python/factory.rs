@@ -375,6 +375,9 @@ impl TensorFactory {
 
     /// The index of record `data/KEY`, which identifies a storage within this load.
     pub(crate) fn record_of(&mut self, key: &str) -> Option<usize> {
+        if let Some(found) = self.archive.get().archive.storage_by_number(key) {
+            return found;
+        }
         self.name_buf.clear();
         self.name_buf.push_str("data/");
         self.name_buf.push_str(key);

@@ -527,7 +527,9 @@ class _ZipLoader:
                 done = False
                 if native is not None:
                     self.unpickler_used = "native"
-                    done, result = self.factory.unpickle(data, *native, OrderedDict)
+                    done, result = self.factory.unpickle(
+                        data, *native, OrderedDict, scan["memo_read"]
+                    )
                     if not done:  # start over with the ordinary unpickler
                         self.factory = self._make_factory()
                         unpickler.persistent_load = self.factory.persistent_load

@@ -67,6 +67,10 @@ pub struct PickleScan {
     pub unsafe_opcodes: Vec<String>,
     /// Offset just past the STOP opcode (where a following pickle would start).
     pub end: usize,
+    /// Bit `k` (of byte `k / 8`, least significant first) is set when memo key `k` is
+    /// read by a GET: keys that are never read need not be kept (torch's pickler
+    /// memoizes every tuple and string).
+    pub memo_read: Vec<u8>,
 }
 
 /// What the scanner tracks of a stack value: strings as byte ranges of the pickle
@@ -406,6 +410,12 @@ pub fn scan(data: &[u8]) -> Result<PickleScan> {
                     .ok()
                     .and_then(|i| memo.get(i).copied().flatten())
                     .ok_or_else(|| s.err(format!("memo key {idx} read before it is written")))?;
+                // In range: the key is below memo.len(), which PUT bounds.
+                let k = idx as usize;
+                if out.memo_read.len() <= k / 8 {
+                    out.memo_read.resize(k / 8 + 1, 0);
+                }
+                out.memo_read[k / 8] |= 1 << (k % 8);
                 push!(v)
             }
             b'p' | b'q' | b'r' | 0x94 => {

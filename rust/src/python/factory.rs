@@ -943,6 +943,9 @@ impl TensorFactory {
     /// factory must be discarded, as it may hold storages of a half-run pickle.
     /// `objects` maps each `(module, name)` the pickle imports to what the loader's
     /// `find_class` resolved; `natives` maps the tensor rebuild functions to 2 or 3.
+    /// `memo_read` is the scan's bitmap of the memo keys a GET reads (see
+    /// `PickleScan::memo_read`): the others are not kept.
+    #[pyo3(signature = (data, objects, natives, ordered_dict, memo_read=None))]
     fn unpickle(
         &mut self,
         py: Python<'_>,
@@ -950,11 +953,13 @@ impl TensorFactory {
         objects: &Bound<'_, PyDict>,
         natives: &Bound<'_, PyDict>,
         ordered_dict: Py<PyAny>,
+        memo_read: Option<Vec<u8>>,
     ) -> PyResult<(bool, Py<PyAny>)> {
         let mut globals = unpickle::Globals {
             objects: FxHashMap::default(),
             natives: FxHashMap::default(),
             ordered_dict,
+            memo_read,
         };
         for (k, v) in objects.iter() {
             globals.objects.insert(k.extract()?, v.unbind());

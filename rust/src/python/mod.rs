@@ -58,6 +58,7 @@ fn scan_pickle<'py>(py: Python<'py>, data: &[u8], file: &str) -> PyResult<Bound<
     d.set_item("protocol", s.protocol)?;
     d.set_item("unsafe_opcodes", s.unsafe_opcodes)?;
     d.set_item("end", s.end)?;
+    d.set_item("memo_read", pyo3::types::PyBytes::new(py, &s.memo_read))?;
     Ok(d)
 }
 

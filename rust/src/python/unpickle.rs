@@ -71,6 +71,9 @@ enum Value {
     EmptyOrderedDict(usize),
     /// A storage: an index into the machine's slots.
     Storage(usize),
+    /// What the memo holds for a key no GET reads (the scan says which are read).
+    /// Reading it would be a bug; it ends the run instead.
+    Unkept,
 }
 
 impl Value {
@@ -83,6 +86,7 @@ impl Value {
             Value::Tuple(t) => Value::Tuple(*t),
             Value::EmptyOrderedDict(c) => Value::EmptyOrderedDict(*c),
             Value::Storage(s) => Value::Storage(*s),
+            Value::Unkept => Value::Unkept,
         }
     }
 }
@@ -100,6 +104,9 @@ pub struct Globals {
     pub natives: FxHashMap<(String, String), Native>,
     /// `collections.OrderedDict`, whose instances BUILD may set attributes on.
     pub ordered_dict: Py<PyAny>,
+    /// The scan's bitmap of memo keys some GET reads (`PickleScan::memo_read`);
+    /// `None` keeps every key.
+    pub memo_read: Option<Vec<u8>>,
 }
 
 struct Cursor<'a> {
@@ -262,7 +269,7 @@ impl<'py, 'a> Machine<'py, 'a> {
                 cell.get_or_init(|| o.clone().unbind());
                 o
             }
-            Value::Native(_) | Value::Storage(_) => return Ok(None),
+            Value::Native(_) | Value::Storage(_) | Value::Unkept => return Ok(None),
         }))
     }
 
@@ -355,7 +362,19 @@ impl<'py, 'a> Machine<'py, 'a> {
         if idx > self.cur.data.len() as u64 || self.stack.len() <= self.floor() {
             return None;
         }
-        let top = self.stack.last()?.clone_ref(self.py);
+        let kept = match &self.globals.memo_read {
+            Some(bits) => bits
+                .get((idx / 8) as usize)
+                .is_some_and(|b| b & (1 << (idx % 8)) != 0),
+            None => true,
+        };
+        let top = if kept {
+            self.stack.last()?.clone_ref(self.py)
+        } else {
+            // No GET reads this key: keep nothing, so the value keeps one reference
+            // and its arena entry can be let go of (`release`).
+            Value::Unkept
+        };
         match top {
             Value::Tuple(i) => self.tuples[i].shared = true,
             Value::Str(i) => self.strings[i].shared = true,
@@ -377,6 +396,9 @@ impl<'py, 'a> Machine<'py, 'a> {
             .get(usize::try_from(idx).ok()?)?
             .as_ref()?
             .clone_ref(self.py);
+        if matches!(v, Value::Unkept) {
+            return None;
+        }
         self.stack.push(v);
         Some(())
     }

@@ -1028,3 +1028,26 @@ def test_interrupts_and_memory_errors_are_not_retried(loaders, tmp_path, monkeyp
     got, used = fs_load(loaders, path)
     assert used == "native"
     assert_like_torch(got, torch.load(path))
+
+
+def test_memo_keys_the_scan_says_are_unread_end_a_run_if_read(loaders, tmp_path, monkeypatch):
+    """The native unpickler keeps only the memo keys the scan says a GET reads. Were
+    the scan wrong, reading a key it did not keep must hand the pickle to Python's
+    unpickler, never produce a wrong value: here the scan claims no key is read,
+    while torch's pickle reads its memoized globals and strings for every tensor."""
+    obj = many_small_tensors(30)
+    path = write_file(tmp_path, save_bytes("torch", obj))
+    got, used = fs_load(loaders, path)
+    assert used == "native"
+    real_scan = serialization._native.scan_pickle
+
+    def scan_claiming_no_reads(*args, **kwargs):
+        scan = real_scan(*args, **kwargs)
+        assert scan["memo_read"], "torch's pickle reads memo keys"
+        scan["memo_read"] = b""
+        return scan
+
+    monkeypatch.setattr(serialization._native, "scan_pickle", scan_claiming_no_reads)
+    got, used = fs_load(loaders, path)
+    assert used == "python"
+    assert_like_torch(got, torch.load(path))

@@ -153,6 +153,56 @@ impl<'a> Scanner<'a> {
     }
 }
 
+/// The scanner's memo, 8 bytes a key: torch's pickler memoizes every string and
+/// tuple, so 24-byte entries were megabytes of fresh memory for a big state dict.
+#[derive(Default)]
+struct Memo {
+    /// Low 3 bits: 0 unset, 1 Persid, 2 Global, 3 Other, 4 a string (its length in
+    /// the next 24 bits, its start above), 5 a string in `long` (index above).
+    keys: Vec<u64>,
+    long: Vec<(usize, usize)>,
+}
+
+impl Memo {
+    fn get(&self, i: usize) -> Option<Val> {
+        let k = *self.keys.get(i)?;
+        Some(match k & 7 {
+            1 => Val::Persid,
+            2 => Val::Global,
+            3 => Val::Other,
+            4 => {
+                let (len, start) = ((k >> 3) & 0xff_ffff, k >> 27);
+                Val::Str(start as usize, (start + len) as usize)
+            }
+            5 => {
+                let (a, b) = self.long[(k >> 3) as usize];
+                Val::Str(a, b)
+            }
+            _ => return None,
+        })
+    }
+
+    /// Sets key `i`; true when it was unset.
+    fn set(&mut self, i: usize, v: Val) -> bool {
+        let k = match v {
+            Val::Persid => 1,
+            Val::Global => 2,
+            Val::Other => 3,
+            Val::Str(a, b) if b - a < 1 << 24 && (a as u64) < 1 << 37 => {
+                4 | ((b - a) as u64) << 3 | (a as u64) << 27
+            }
+            Val::Str(a, b) => {
+                self.long.push((a, b));
+                5 | ((self.long.len() - 1) as u64) << 3
+            }
+        };
+        if i >= self.keys.len() {
+            self.keys.resize(i + 1, 0);
+        }
+        std::mem::replace(&mut self.keys[i], k) == 0
+    }
+}
+
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
@@ -165,7 +215,7 @@ pub fn scan(data: &[u8]) -> Result<PickleScan> {
     let mut stack: Vec<Val> = Vec::new();
     let mut marks: Vec<usize> = Vec::new();
     // Indexed by memo key; the bound checked at every PUT keeps it small.
-    let mut memo: Vec<Option<Val>> = Vec::new();
+    let mut memo = Memo::default();
     let range = |s: &Scanner<'_>, b: &[u8]| -> Val {
         let end = s.pos;
         Val::Str(end - b.len(), end)
@@ -408,7 +458,7 @@ pub fn scan(data: &[u8]) -> Result<PickleScan> {
                 };
                 let v = usize::try_from(idx)
                     .ok()
-                    .and_then(|i| memo.get(i).copied().flatten())
+                    .and_then(|i| memo.get(i))
                     .ok_or_else(|| s.err(format!("memo key {idx} read before it is written")))?;
                 // In range: the key is below memo.len(), which PUT bounds.
                 let k = idx as usize;
@@ -434,13 +484,9 @@ pub fn scan(data: &[u8]) -> Result<PickleScan> {
                 if matches!(top, Val::Persid) {
                     out.persistent_id_reused = true;
                 }
-                let i = idx as usize;
-                if i >= memo.len() {
-                    memo.resize(i + 1, None);
-                }
                 // MEMOIZE numbers entries by how many are set, as `_pickle` does, so a
                 // PUT that overwrites an entry does not count.
-                if memo[i].replace(top).is_none() {
+                if memo.set(idx as usize, top) {
                     memo_puts += 1;
                 }
             }
@@ -520,6 +566,31 @@ mod tests {
         let s = scan(p).unwrap();
         assert!(!s.persistent_id_reused);
         assert_eq!(s.persistent_ids, 1);
+    }
+
+    #[test]
+    fn memo_entries_pack_into_eight_bytes_and_back() {
+        let mut m = Memo::default();
+        let vals = [
+            Val::Persid,
+            Val::Global,
+            Val::Other,
+            Val::Str(0, 0),
+            Val::Str(12, 40),
+            Val::Str((1 << 37) - 1, (1 << 37) + 5), // start at the packed limit
+            Val::Str(1 << 40, (1 << 40) + 3),       // start beyond it
+            Val::Str(7, 7 + (1 << 24)),             // length beyond it
+        ];
+        for (i, v) in vals.iter().enumerate() {
+            assert!(m.set(i * 3, *v), "key {i} was unset");
+        }
+        assert!(!m.set(0, Val::Other), "overwriting a set key");
+        assert!(matches!(m.get(0), Some(Val::Other)));
+        assert!(m.get(1).is_none() && m.get(10_000).is_none());
+        for (i, v) in vals.iter().enumerate().skip(1) {
+            let got = m.get(i * 3).expect("set");
+            assert_eq!(format!("{got:?}"), format!("{v:?}"));
+        }
     }
 
     #[test]

@@ -71,9 +71,6 @@ enum Value {
     EmptyOrderedDict(usize),
     /// A storage: an index into the machine's slots.
     Storage(usize),
-    /// What the memo holds for a key no GET reads (the scan says which are read).
-    /// Reading it would be a bug; it ends the run instead.
-    Unkept,
 }
 
 impl Value {
@@ -86,7 +83,6 @@ impl Value {
             Value::Tuple(t) => Value::Tuple(*t),
             Value::EmptyOrderedDict(c) => Value::EmptyOrderedDict(*c),
             Value::Storage(s) => Value::Storage(*s),
-            Value::Unkept => Value::Unkept,
         }
     }
 }
@@ -152,7 +148,8 @@ pub fn run(
         marks: Vec::new(),
         // Sized for a state dict's pickle up front (bounded: a pickle may be mostly
         // one large bytes value).
-        memo: Vec::with_capacity((data.len() / 16).min(1 << 20)),
+        memo: FxHashMap::default(),
+        memo_set: Vec::new(),
         memo_len: 0,
         tuples: Vec::with_capacity((data.len() / 16).min(1 << 20)),
         items: Vec::with_capacity((data.len() / 8).min(1 << 21)),
@@ -185,7 +182,10 @@ struct Machine<'py, 'a> {
     cur: Cursor<'a>,
     stack: Vec<Value>,
     marks: Vec<usize>,
-    memo: Vec<Option<Value>>,
+    /// The values of memo keys that some GET reads (all keys without a scan).
+    memo: FxHashMap<usize, Value>,
+    /// Bit per memo key: set (kept or not).
+    memo_set: Vec<u64>,
     /// How many memo entries are set (what MEMOIZE numbers the next one).
     memo_len: usize,
     /// Arenas: tuples, their items, and empty ordered dicts, referred to by index.
@@ -269,7 +269,7 @@ impl<'py, 'a> Machine<'py, 'a> {
                 cell.get_or_init(|| o.clone().unbind());
                 o
             }
-            Value::Native(_) | Value::Storage(_) | Value::Unkept => return Ok(None),
+            Value::Native(_) | Value::Storage(_) => return Ok(None),
         }))
     }
 
@@ -368,37 +368,39 @@ impl<'py, 'a> Machine<'py, 'a> {
                 .is_some_and(|b| b & (1 << (idx % 8)) != 0),
             None => true,
         };
-        let top = if kept {
-            self.stack.last()?.clone_ref(self.py)
-        } else {
+        let idx = idx as usize;
+        // Which keys are set, a bit each (what MEMOIZE numbers the next one by).
+        if self.memo_set.len() <= idx / 64 {
+            self.memo_set.resize(idx / 64 + 1, 0);
+        }
+        let bit = 1u64 << (idx % 64);
+        if self.memo_set[idx / 64] & bit == 0 {
+            self.memo_set[idx / 64] |= bit;
+            self.memo_len += 1;
+        }
+        if !kept {
             // No GET reads this key: keep nothing, so the value keeps one reference
             // and its arena entry can be let go of (`release`).
-            Value::Unkept
-        };
+            self.memo.remove(&idx);
+            return Some(());
+        }
+        let top = self.stack.last()?.clone_ref(self.py);
         match top {
             Value::Tuple(i) => self.tuples[i].shared = true,
             Value::Str(i) => self.strings[i].shared = true,
             _ => {}
         }
-        let idx = idx as usize;
-        if self.memo.len() <= idx {
-            self.memo.resize_with(idx + 1, || None);
-        }
-        if self.memo[idx].replace(top).is_none() {
-            self.memo_len += 1;
-        }
+        self.memo.insert(idx, top);
         Some(())
     }
 
+    /// GET: a kept key's value. A key that is unset, or set but not kept (the scan
+    /// said no GET reads it), ends the run.
     fn get(&mut self, idx: u64) -> Option<()> {
         let v = self
             .memo
-            .get(usize::try_from(idx).ok()?)?
-            .as_ref()?
+            .get(&usize::try_from(idx).ok()?)?
             .clone_ref(self.py);
-        if matches!(v, Value::Unkept) {
-            return None;
-        }
         self.stack.push(v);
         Some(())
     }

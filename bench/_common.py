@@ -620,7 +620,7 @@ def _maxrss_bytes():
 def child_measure(spec: dict) -> dict:
     """Body of the ``--child`` process: measure peak RSS growth of one op.
 
-    spec: {lib, op ('save'|'load'|'mmap_touch'), workload, quick, path,
+    spec: {lib, op ('save'|'load'|'mmap_touch'|'rest'), workload, quick, path,
            impl_module, threads, extra_path}
     The workload is rebuilt here for 'save'; loads read the file at ``path``.
     """
@@ -631,6 +631,10 @@ def child_measure(spec: dict) -> dict:
     )
     op = spec["op"]
     obj = None
+    if op == "rest":
+        # The floor under any eager load's peak: the same tensors made by torch.empty
+        # (one allocation each, as torch.load makes them), nothing read.
+        shapes = workload_shapes(spec["workload"], spec["quick"])
     if op == "save":
         obj = build_workload(spec["workload"], spec["quick"])
         nbytes = data_bytes(obj)
@@ -646,6 +650,8 @@ def child_measure(spec: dict) -> dict:
     elif op == "mmap_touch":
         result = impl.load_mmap(spec["path"])
         touch(result)
+    elif op == "rest":
+        result = {k: torch.empty(s) for k, s in shapes}
     else:
         raise ValueError(op)
     after_rss = _rss()

@@ -335,6 +335,17 @@ def run_workload(name, impls, args, tmpdir):
                         f"  memory {mop:<5} {impl.name:<12}: peak +{r['peak_delta_bytes'] / MiB:.0f} MiB "
                         f"({r['ratio']:.2f}x data)"
                     )
+        # The floor under every eager load's peak: the result itself, at rest.
+        floor_spec = {
+            "lib": "torch",
+            "op": "rest",
+            "workload": name,
+            "quick": args.quick,
+            "impl_module": "torch",
+            "torch_threads": args.torch_threads,
+            "mallopt": args.mallopt,
+        }
+        res["memory_floor"] = run_child(script, floor_spec)
 
     for p in paths.values():
         rm(p)
@@ -419,6 +430,24 @@ def workload_notes(res, libs):
                     f"(a) {a}.load: own file {fmt_time(own)}, {b_}-written file {fmt_time(other)} "
                     f"(other/own = {other / own:.2f}x)"
                 )
+    floor = res.get("memory_floor") or {}
+    loads = res["memory"].get("load", {})
+    if "peak_delta_bytes" in floor and loads:
+        f = floor["peak_delta_bytes"]
+        parts = [
+            f"{l} {loads[l]['peak_delta_bytes'] / f:.2f}x"
+            for l in libs
+            if "peak_delta_bytes" in loads.get(l, {})
+        ]
+        s = (
+            f"(m) the loaded object itself, made with torch.empty (nothing read): {f / MiB:.0f} MiB "
+            f"({floor['ratio']:.2f}x data), a floor no eager load can go under; "
+            "eager-load peak / that floor: " + ", ".join(parts)
+        )
+        fs = loads.get("fastserial", {}).get("peak_delta_bytes")
+        if fs is not None:
+            s += f"; fastserial's peak above it: {(fs - f) / MiB:.0f} MiB ({(fs - f) / res['data_bytes']:.2f}x data)"
+        notes.append(s)
     if res["file_bytes"]:
         notes.append(
             "file sizes: "

@@ -745,7 +745,7 @@ impl Archive {
         /// Bytes between neighbours worth reading through (zip headers, padding).
         const GAP: u64 = 4 << 10;
         /// The largest span one group reads.
-        const SPAN: u64 = 4 << 20;
+        const SPAN: u64 = 1 << 20;
         if self.source.as_slice().is_some() {
             return pieces.into_iter().map(Work::One).collect();
         }

@@ -1346,9 +1346,9 @@ mod tests {
             .collect();
         calls.store(0, Ordering::Relaxed);
         archive.read_many_into(jobs, 2, true).unwrap();
-        // ~5.5 MiB of records in 4 MiB spans: a few reads, not one per record.
+        // ~5.5 MiB of records in 1 MiB spans: a few reads, not one per record.
         let reads = calls.load(Ordering::Relaxed);
-        assert!(reads <= 4, "{reads} reads for {n} records");
+        assert!(reads <= 8, "{reads} reads for {n} records");
         for (i, b) in bufs.iter().enumerate() {
             assert!(b.iter().all(|&x| x == i as u8), "record {i}");
         }

@@ -632,8 +632,9 @@ def child_measure(spec: dict) -> dict:
     op = spec["op"]
     obj = None
     if op == "rest":
-        # The floor under any eager load's peak: the same tensors made by torch.empty
-        # (one allocation each, as torch.load makes them), nothing read.
+        # The floor under any eager load's peak: the same tensors made by torch.zeros
+        # (one allocation each, as torch.load makes them, every page touched as a
+        # load touches it), nothing read.
         shapes = workload_shapes(spec["workload"], spec["quick"])
     if op == "save":
         obj = build_workload(spec["workload"], spec["quick"])
@@ -651,7 +652,7 @@ def child_measure(spec: dict) -> dict:
         result = impl.load_mmap(spec["path"])
         touch(result)
     elif op == "rest":
-        result = {k: torch.empty(s) for k, s in shapes}
+        result = {k: torch.zeros(s) for k, s in shapes}
     else:
         raise ValueError(op)
     after_rss = _rss()

@@ -440,7 +440,7 @@ def workload_notes(res, libs):
             if "peak_delta_bytes" in loads.get(l, {})
         ]
         s = (
-            f"(m) the loaded object itself, made with torch.empty (nothing read): {f / MiB:.0f} MiB "
+            f"(m) the loaded object itself, made with torch.zeros (nothing read): {f / MiB:.0f} MiB "
             f"({floor['ratio']:.2f}x data), a floor no eager load can go under; "
             "eager-load peak / that floor: " + ", ".join(parts)
         )

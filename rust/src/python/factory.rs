@@ -676,9 +676,10 @@ impl TensorFactory {
                             // SAFETY: each (addr, n) is a distinct range that
                             // `Packer::alloc` carved from a block in `blocks`, which
                             // this thread holds until the reads end. Nothing else
-                            // writes it before the factory joins this thread: a tensor
-                            // made over it first reaches code that could only once the
-                            // load is finished (or dropped, which joins too).
+                            // writes it meanwhile: the tensors made over it reach the
+                            // caller only after `finish` has joined this thread, and a
+                            // factory dropped unfinished joins it in `Drop`; the
+                            // unpickler runs only inert globals, which read no data.
                             dst: unsafe { std::slice::from_raw_parts_mut(addr as *mut u8, n) },
                             swap: 0,
                         })
@@ -953,13 +954,13 @@ impl TensorFactory {
         objects: &Bound<'_, PyDict>,
         natives: &Bound<'_, PyDict>,
         ordered_dict: Py<PyAny>,
-        memo_read: Option<Vec<u8>>,
+        memo_read: Option<&[u8]>,
     ) -> PyResult<(bool, Py<PyAny>)> {
         let mut globals = unpickle::Globals {
             objects: FxHashMap::default(),
             natives: FxHashMap::default(),
             ordered_dict,
-            memo_read,
+            memo_read: memo_read.map(<[u8]>::to_vec),
         };
         for (k, v) in objects.iter() {
             globals.objects.insert(k.extract()?, v.unbind());

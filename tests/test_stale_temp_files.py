@@ -5,6 +5,9 @@ import subprocess
 import sys
 
 import fastserial
+import fastserial.numpy
+import numpy as np
+import pytest
 import torch
 from fastserial._fastserial import TEMP_MARKER
 
@@ -15,7 +18,14 @@ def _dead_pid() -> int:
     return proc.pid
 
 
-def test_next_save_removes_temp_files_of_dead_processes(tmp_path):
+SAVERS = {
+    "fastserial.save": lambda path: fastserial.save({"x": torch.arange(4)}, path),
+    "fastserial.numpy.save": lambda path: fastserial.numpy.save({"x": np.arange(4)}, path),
+}
+
+
+@pytest.mark.parametrize("saver", sorted(SAVERS))
+def test_next_save_removes_temp_files_of_dead_processes(tmp_path, saver):
     target = tmp_path / "ckpt.pt"
     stale = tmp_path / f".ckpt.pt{TEMP_MARKER}{_dead_pid()}-0"
     stale.write_bytes(b"half a checkpoint")
@@ -24,7 +34,7 @@ def test_next_save_removes_temp_files_of_dead_processes(tmp_path):
     other = tmp_path / f".other.pt{TEMP_MARKER}{_dead_pid()}-0"  # another target's file
     other.write_bytes(b"not ours")
 
-    fastserial.save({"x": torch.arange(4)}, target)
+    SAVERS[saver](target)
 
     assert not stale.exists()
     assert alive.exists()

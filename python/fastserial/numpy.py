@@ -65,6 +65,7 @@ from .serialization import (
     _Opened,
     _py2_name,
     _refusal,
+    _remove_stale_temp_files,
     _write_checkpoint,
 )
 
@@ -1775,9 +1776,14 @@ def _save(obj, f, *, fsync: bool = True, progress: Callable[[int], None] | None 
         path = os.fsdecode(os.fspath(f))
         if os.path.isdir(path):
             raise IsADirectoryError(f"{path}: is a directory; expected a checkpoint file path")
-        writer = _native.ArchiveWriter(path, _archive_prefix(path), atomic=_atomic_ok(path))
+        # As fastserial.save: atomic over a regular file, after removing what killed
+        # saves to this path left behind, with early writeback when it will fsync.
+        atomic = _atomic_ok(path)
+        if atomic:
+            _remove_stale_temp_files(path)
+        writer = _native.ArchiveWriter(path, _archive_prefix(path), atomic=atomic, durable=fsync)
     elif hasattr(f, "write"):
-        writer = _native.ArchiveWriter(f, "archive")
+        writer = _native.ArchiveWriter(f, "archive", durable=fsync)
     else:
         raise TypeError(f"expected a path or a file-like object with write(), got {type(f).__name__}")
     _write_checkpoint(

@@ -56,9 +56,10 @@ def set_pack_small_tensors(enabled: bool) -> None:
 
     A CPU tensor of at most 64 KiB that owns its whole storage gets its memory
     from a block of up to 16 MiB shared with its neighbours, instead of an
-    allocation of its own, and is made without going through torch's Python API.
-    Checkpoints of many small tensors load several times faster. Each tensor still
-    has its own storage of exactly its size, as with ``torch.load``. Two things
+    allocation of its own, and is made through torch's DLPack import
+    (``torch._C._from_dlpack``), and small records are read on a worker thread
+    while the pickle runs. Each tensor still has its own storage of exactly its
+    size, as with ``torch.load``. Two things
     differ, as they do for ``torch.load(mmap=True)``:
 
     * the storages are not resizable (``resize_`` to a larger size raises);

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import gc
 import io
+import os
 import re
 import threading
 import zipfile
@@ -438,6 +439,27 @@ def test_mmap_loads_are_not_packed(tmp_path):
     got, _ = load_both(path, mmap=True)
     assert blocks() == base
     assert got["t0"].untyped_storage().nbytes() == 1024
+
+
+@pytest.mark.parametrize("pack", [True, False])
+def test_mmap_tensors_keep_their_mapping_alive(tmp_path, pack):
+    """mmap=True tensors are made over the file's mapping through DLPack, whose
+    deleter holds the mapping: a tensor outlives its dict, the loader and the file's
+    name, and stays a private copy-on-write view (writes never reach the file)."""
+    fastserial.set_pack_small_tensors(pack)  # mmap loads view the file either way
+    obj = small_object(n=50)
+    path = write(tmp_path, torch_save_bytes(obj))
+    got = fastserial.load(str(path), mmap=True)
+    kept = got["t7"]
+    assert not kept.untyped_storage().resizable()
+    del got
+    gc.collect()
+    assert torch.equal(kept, obj["t7"])
+    kept.add_(1)
+    assert torch.equal(torch.load(str(path))["t7"], obj["t7"])  # the file is unchanged
+    os.remove(path)
+    gc.collect()
+    assert torch.equal(kept, obj["t7"] + 1)
 
 
 def test_single_thread_load(tmp_path):

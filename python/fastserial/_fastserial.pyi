@@ -100,6 +100,7 @@ class TensorFactory:
         fallbacks: dict[str, Any],
         from_dlpack: Optional[Any] = None,
         dlpack_codes: Optional[dict[Any, tuple[int, int]]] = None,
+        pack_small: bool = True,
     ) -> None: ...
     @property
     def counts(self) -> tuple[int, int]: ...

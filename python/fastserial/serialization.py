@@ -584,8 +584,9 @@ class _ZipLoader:
                 "uint8": info.uint8,
             },
             sizes=info.sizes,
-            from_dlpack=info.from_dlpack if _pack_small_tensors else None,
+            from_dlpack=info.from_dlpack,
             dlpack_codes=info.dlpack_codes,
+            pack_small=_pack_small_tensors,
             fallbacks={
                 "persistent_load": self.persistent_load,
                 "rebuild_tensor_v2": self.rebuild_tensor_v2,

@@ -53,6 +53,11 @@ unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
 impl MappedBuffer {
+    /// The mapping's first byte, and the mapping (shared with every view of it).
+    pub(crate) fn base_and_map(&self) -> (usize, Arc<MappedFile>) {
+        (self.ptr.0 as usize, self.map.clone())
+    }
+
     pub fn new(mut map: MappedFile) -> Self {
         let ptr = SendPtr(map.as_mut_ptr());
         MappedBuffer {

@@ -75,16 +75,19 @@ struct DLManagedTensor {
 }
 
 /// A `DLManagedTensor` with the memory it points at: `shape` and `strides` point
-/// into `inline` (or `heap`, past INLINE_DIMS dimensions), and `block` keeps `data`
-/// mapped. `#[repr(C)]` with the managed tensor first, so a pointer to one is a
+/// into `inline` (or `heap`, past INLINE_DIMS dimensions), and `owner` (a packed
+/// block, or the mapping of an `mmap=True` load) keeps `data` alive. `#[repr(C)]` with the managed tensor first, so a pointer to one is a
 /// pointer to the other.
 #[repr(C)]
 struct Managed {
     tensor: DLManagedTensor,
     inline: [i64; 2 * INLINE_DIMS],
     heap: Option<Box<[i64]>>,
-    _block: Arc<Block>,
+    _owner: Owner,
 }
+
+/// What keeps a DLPack tensor's memory alive: shared, freed with its last tensor.
+pub type Owner = Arc<dyn std::any::Any + Send + Sync>;
 
 /// The deleter torch calls (through its storage's deleter) when the storage dies.
 unsafe extern "C" fn delete_managed(p: *mut DLManagedTensor) {
@@ -170,14 +173,14 @@ impl Packer {
 }
 
 /// A "dltensor" capsule for a CPU tensor of `dtype` with `size` and `stride` (in
-/// elements) over the memory at `addr`, which lies in `block`.
+/// elements) over the memory at `addr`, which `owner` keeps alive.
 pub fn capsule<'py>(
     py: Python<'py>,
     addr: usize,
     dtype: DLDataType,
     size: &[i64],
     stride: &[i64],
-    block: Arc<Block>,
+    owner: Owner,
 ) -> PyResult<Bound<'py, PyAny>> {
     let ndim = size.len();
     if ndim > MAX_DIMS || stride.len() != ndim {
@@ -212,7 +215,7 @@ pub fn capsule<'py>(
         },
         inline,
         heap,
-        _block: block,
+        _owner: owner,
     }));
     // SAFETY: `managed` is a live, uniquely owned allocation. Its `inline` array (or
     // the `heap` slice it owns) holds 2 * ndim values, shape then strides; neither

@@ -20,6 +20,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyString, PyTuple};
 use rustc_hash::FxHashMap;
 
+use super::buffers::MappedBuffer;
 use super::dlpack::{self, DLDataType, Packer};
 use super::errors::{at, CheckpointError};
 use super::num_threads;
@@ -150,6 +151,8 @@ pub struct TensorFactory {
     /// packed into shared blocks (`dlpack.rs`).
     from_dlpack: Option<Py<PyAny>>,
     dlpack_codes: Option<Py<PyDict>>,
+    /// Pack small tensors of eager loads into blocks (`set_pack_small_tensors`).
+    pack_small: bool,
     packer: Packer,
     prefetch: Option<Prefetch>,
 }
@@ -525,6 +528,22 @@ impl TensorFactory {
             if !plain {
                 return Ok(None);
             }
+            // Through DLPack (half the cost of frombuffer), holding the mapping.
+            let mapped = mapping
+                .bind(py)
+                .downcast::<MappedBuffer>()
+                .ok()
+                .map(|m| m.get().base_and_map());
+            if let (Some(dl), Some((base, map))) = (info.dl, mapped) {
+                if v.size.len() <= dlpack::MAX_DIMS && self.from_dlpack.is_some() {
+                    let addr = base + data_offset as usize;
+                    if let Some(t) = self.dlpack_tensor(py, dtype, dl, addr, v, map)? {
+                        p.first = Some(t.clone_ref(py));
+                        return Ok(Some(t));
+                    }
+                }
+            }
+            let mapping = self.mapping.as_ref().expect("in the mapping branch");
             let kwargs = PyDict::new(py);
             kwargs.set_item(intern!(py, "dtype"), dtype)?;
             kwargs.set_item(intern!(py, "count"), numel)?;
@@ -590,7 +609,8 @@ impl TensorFactory {
         let Some(dl) = info.dl else {
             return Ok(None);
         };
-        if self.from_dlpack.is_none()
+        if !self.pack_small
+            || self.from_dlpack.is_none()
             || p.nbytes == 0
             || p.nbytes > dlpack::SMALL_MAX
             || v.size.len() > dlpack::MAX_DIMS
@@ -605,30 +625,46 @@ impl TensorFactory {
             Some((addr, block)) => (addr, self.packer.blocks[block].clone()),
             None => self.packer.alloc(p.nbytes)?,
         };
-        let capsule = dlpack::capsule(py, addr, dl, v.size, v.stride, block)?;
-        let from_dlpack = self.from_dlpack.as_ref().expect("checked above");
-        let t = from_dlpack.call1(py, (capsule,))?;
-        if !info.dl_checked {
-            // Once per dtype: the tensor must come back with the dtype asked for.
-            let got = t.getattr(py, intern!(py, "dtype"))?;
-            let ok = got.bind(py).is(dtype);
-            if let Some(entry) = self.dtypes.iter_mut().find(|d| d.0.is(dtype)) {
-                if let Some(i) = &mut entry.1 {
-                    i.dl_checked = ok;
-                    if !ok {
-                        i.dl = None;
-                    }
-                }
-            }
-            if !ok {
-                return Ok(None);
-            }
-        }
+        let Some(t) = self.dlpack_tensor(py, dtype, dl, addr, v, block)? else {
+            return Ok(None);
+        };
         match (&mut self.prefetch, prefetched) {
             (Some(pf), Some(_)) => pf.taken.push((p.record, addr, p.nbytes)),
             _ => self.jobs.push((p.record, addr, p.nbytes, swap)),
         }
         p.first = Some(t.clone_ref(py));
+        Ok(Some(t))
+    }
+
+    /// A tensor of `dtype` (DLPack `dl`) with view `v` over the memory at `addr`,
+    /// which `owner` keeps alive, made by torch's DLPack import. `None` when this
+    /// torch gives the tensor another dtype than asked (checked once per dtype, which
+    /// is then made the ordinary way).
+    fn dlpack_tensor(
+        &mut self,
+        py: Python<'_>,
+        dtype: &Bound<'_, PyAny>,
+        dl: DLDataType,
+        addr: usize,
+        v: &View<'_>,
+        owner: dlpack::Owner,
+    ) -> PyResult<Option<Py<PyAny>>> {
+        let Some(from_dlpack) = &self.from_dlpack else {
+            return Ok(None);
+        };
+        let capsule = dlpack::capsule(py, addr, dl, v.size, v.stride, owner)?;
+        let t = from_dlpack.call1(py, (capsule,))?;
+        let entry = self.dtypes.iter_mut().find(|d| d.0.is(dtype));
+        if let Some(info) = entry.and_then(|e| e.1.as_mut()) {
+            if !info.dl_checked {
+                let got = t.getattr(py, intern!(py, "dtype"))?;
+                info.dl_checked = got.bind(py).is(dtype);
+                if !info.dl_checked {
+                    info.dl = None;
+                    return Ok(None);
+                }
+            }
+        }
         Ok(Some(t))
     }
 
@@ -809,7 +845,7 @@ impl TensorFactory {
 #[pymethods]
 impl TensorFactory {
     #[new]
-    #[pyo3(signature = (archive, *, swap, all_cpu, verify, mapping, torch_fns, sizes, fallbacks, from_dlpack=None, dlpack_codes=None))]
+    #[pyo3(signature = (archive, *, swap, all_cpu, verify, mapping, torch_fns, sizes, fallbacks, from_dlpack=None, dlpack_codes=None, pack_small=true))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -823,6 +859,7 @@ impl TensorFactory {
         fallbacks: &Bound<'_, PyDict>,
         from_dlpack: Option<Py<PyAny>>,
         dlpack_codes: Option<Py<PyDict>>,
+        pack_small: bool,
     ) -> PyResult<Self> {
         let get = |d: &Bound<'_, PyDict>, k: &str| -> PyResult<Py<PyAny>> {
             d.get_item(k)?
@@ -863,10 +900,15 @@ impl TensorFactory {
             py_mapped_storage: get(fallbacks, "mapped_storage")?,
             from_dlpack,
             dlpack_codes,
+            pack_small,
             packer: Packer::default(),
             prefetch: None,
         };
-        if factory.from_dlpack.is_some() && factory.mapping.is_none() && !factory.swap {
+        if factory.pack_small
+            && factory.from_dlpack.is_some()
+            && factory.mapping.is_none()
+            && !factory.swap
+        {
             factory.start_prefetch(py);
         }
         Ok(factory)

@@ -167,6 +167,32 @@ def import_fastserial():
     return fastserial
 
 
+@pytest.fixture
+def loaders(monkeypatch):
+    """Every ``_ZipLoader`` that runs a load, in order (captured before it runs, so a
+    load that raises is recorded too)."""
+    from fastserial import serialization
+
+    seen: list = []
+    original = serialization._ZipLoader.load
+
+    def load(self):
+        seen.append(self)
+        return original(self)
+
+    monkeypatch.setattr(serialization._ZipLoader, "load", load)
+    return seen
+
+
+def fs_load(loaders, f, **kwargs):
+    """``fastserial.load(f, **kwargs)`` and which unpickler ran its pickle (with the
+    ``loaders`` fixture)."""
+    before = len(loaders)
+    got = import_fastserial().load(f, **kwargs)
+    assert len(loaders) == before + 1, "the load did not run through _ZipLoader.load"
+    return got, loaders[-1].unpickler_used
+
+
 # --------------------------------------------------------------------------
 # Tensor hashing
 # --------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import struct
 import fastserial
 import pytest
 import torch
-from conftest import load_with_mode
+from conftest import fs_load, load_with_mode
 from fastserial import serialization
 from test_semantics_craft import (
     StorageRef,
@@ -48,33 +48,10 @@ SAVERS = ["torch", "fastserial"]
 
 
 @pytest.fixture
-def loaders(monkeypatch):
-    """Every ``_ZipLoader`` that runs a load, in order (captured before it runs, so a
-    load that raises is recorded too)."""
-    seen: list = []
-    original = serialization._ZipLoader.load
-
-    def load(self):
-        seen.append(self)
-        return original(self)
-
-    monkeypatch.setattr(serialization._ZipLoader, "load", load)
-    return seen
-
-
-@pytest.fixture
 def restore_threads():
     before = fastserial.get_num_threads()
     yield
     fastserial.set_num_threads(before)
-
-
-def fs_load(loaders, f, **kwargs):
-    """``fastserial.load(f, **kwargs)`` and which unpickler ran its pickle."""
-    before = len(loaders)
-    got = fastserial.load(f, **kwargs)
-    assert len(loaders) == before + 1, "the load did not run through _ZipLoader.load"
-    return got, loaders[-1].unpickler_used
 
 
 def save_bytes(saver: str, obj, **kwargs) -> bytes:

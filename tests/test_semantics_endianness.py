@@ -90,10 +90,26 @@ def test_set_and_get_default(value):
     assert fastserial.get_default_load_endianness() is value
 
 
-@pytest.mark.parametrize("bad", ["big", 3, torch.serialization.LoadEndianness.BIG])
+@pytest.mark.parametrize("bad", ["big", 3])
 def test_set_default_rejects_other_types(bad):
     with pytest.raises(TypeError):
         fastserial.set_default_load_endianness(bad)
+    assert fastserial.get_default_load_endianness() is None
+
+
+@pytest.mark.parametrize("name", ["NATIVE", "LITTLE", "BIG"])
+def test_default_endianness_is_torchs_setting_both_ways(name):
+    """One setting: torch's. Set on either side, it holds for both (issue 12)."""
+    try:
+        torch.serialization.set_default_load_endianness(torch.serialization.LoadEndianness[name])
+        assert fastserial.get_default_load_endianness() is LoadEndianness[name]
+        torch.serialization.set_default_load_endianness(None)
+        fastserial.set_default_load_endianness(torch.serialization.LoadEndianness[name])
+        assert torch.serialization.get_default_load_endianness().name == name
+        fastserial.set_default_load_endianness(LoadEndianness[name])
+        assert torch.serialization.get_default_load_endianness().name == name
+    finally:
+        torch.serialization.set_default_load_endianness(None)
     assert fastserial.get_default_load_endianness() is None
 
 

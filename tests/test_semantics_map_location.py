@@ -63,11 +63,9 @@ def cuda1_file():
 
 @pytest.fixture
 def registry():
-    """Restores both registries (fastserial's and torch's) after the test."""
-    ours = list(fs_location._registry)
+    """Restores the registry (torch's, which fastserial uses) after the test."""
     theirs = list(torch.serialization._package_registry)
     yield
-    fs_location._registry[:] = ours
     torch.serialization._package_registry[:] = theirs
 
 
@@ -293,16 +291,21 @@ def _recording_package(name, calls, answer=True):
     return tagger, deserializer
 
 
+@pytest.mark.parametrize("api", ["fastserial", "torch"])
 @pytest.mark.parametrize("priority", [5, 50])
-def test_registered_deserializer_restores_a_custom_tag(registry, priority):
+def test_registered_deserializer_restores_a_custom_tag(registry, priority, api):
+    """One registry: an entry registered on either API serves both loads."""
     data = retag(torch_save_bytes(_sample()), "mydev:3")
-    ours, theirs = [], []
-    fastserial.register_package(priority, *_recording_package("ours", ours))
-    torch.serialization.register_package(priority, *_recording_package("theirs", theirs))
+    calls = []
+    register = fastserial.register_package if api == "fastserial" else (
+        torch.serialization.register_package
+    )
+    register(priority, *_recording_package("pkg", calls))
     got = fastserial.load(io.BytesIO(data))
+    ours = list(calls)
     want = torch.load(io.BytesIO(data))
     assert_same(got, want)
-    assert [c[1:] for c in ours] == [c[1:] for c in theirs] == [("cpu", "mydev:3")] * 4
+    assert ours == calls[len(ours):] == [("pkg", "cpu", "mydev:3")] * 4
 
 
 def test_registered_deserializer_used_with_map_location_dict(registry):
@@ -376,7 +379,6 @@ def test_registered_tagger_with_lower_priority_tags_cpu_storages_on_save(registr
     def deserializer(storage, location):
         return storage if location == "mydev" else None
 
-    fastserial.register_package(5, tagger, deserializer)
     torch.serialization.register_package(5, tagger, deserializer)
     obj = {"t": torch.arange(3.0), "s": torch.arange(2.0).untyped_storage()}
     assert storage_locations(torch_save_bytes(obj)) == ["mydev", "mydev"]
@@ -386,14 +388,14 @@ def test_registered_tagger_with_lower_priority_tags_cpu_storages_on_save(registr
 
 
 def test_registered_deserializer_with_lower_priority_sees_cpu_storages(registry):
-    ours, theirs = [], []
-    fastserial.register_package(1, *_recording_package("ours", ours, answer=False))
-    torch.serialization.register_package(1, *_recording_package("theirs", theirs, answer=False))
+    calls = []
+    fastserial.register_package(1, *_recording_package("pkg", calls, answer=False))
     data = torch_save_bytes({"a": torch.ones(2), "b": torch.zeros(1)})
     torch.load(io.BytesIO(data))
-    assert [c[1:] for c in theirs] == [("cpu", "cpu")] * 2
+    assert [c[1:] for c in calls] == [("cpu", "cpu")] * 2
+    calls.clear()
     fastserial.load(io.BytesIO(data))
-    assert [c[1:] for c in ours] == [("cpu", "cpu")] * 2
+    assert [c[1:] for c in calls] == [("cpu", "cpu")] * 2
 
 
 def test_register_package_validates_its_arguments(registry):

@@ -14,22 +14,36 @@ from test_semantics_craft import assert_same, read_records
 pytestmark = pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 
 ORIGINALS = (torch.save, torch.load, ts.save, ts.load)
+ORIGINAL_CODE = (torch.save.__code__, torch.load.__code__)
 
 
 def _current():
     return (torch.save, torch.load, ts.save, ts.load)
 
 
+def _code():
+    return (torch.save.__code__, torch.load.__code__)
+
+
 def _patched():
+    """torch's own functions run fastserial (their code is swapped, so every reference
+    to them is patched), or, where that cannot be done, the names are rebound."""
+    if _current() == ORIGINALS:
+        return all(now is not was for now, was in zip(_code(), ORIGINAL_CODE))
     return _current() == (fastserial.save, fastserial.load, fastserial.save, fastserial.load)
+
+
+def _unpatched():
+    return _current() == ORIGINALS and _code() == ORIGINAL_CODE
 
 
 @pytest.fixture(autouse=True)
 def restore_torch():
-    assert _current() == ORIGINALS
+    assert _unpatched()
     yield
-    if _current() != ORIGINALS:  # a failed test must not leave torch patched
+    if not _unpatched():  # a failed test must not leave torch patched
         torch.save, torch.load, ts.save, ts.load = ORIGINALS
+        torch.save.__code__, torch.load.__code__ = ORIGINAL_CODE
         pytest.fail("torch was left patched")
 
 
@@ -37,27 +51,27 @@ def test_context_manager_patches_and_restores():
     with fastserial.patch_torch() as patch:
         assert _patched()
         assert patch is not None
-    assert _current() == ORIGINALS
+    assert _unpatched()
 
 
 def test_context_manager_restores_on_error():
     with pytest.raises(ValueError), fastserial.patch_torch():
         assert _patched()
         raise ValueError("boom")
-    assert _current() == ORIGINALS
+    assert _unpatched()
 
 
 def test_call_form_with_undo_and_call():
     undo = fastserial.patch_torch()
     assert _patched()
     undo()
-    assert _current() == ORIGINALS
+    assert _unpatched()
     undo()  # a second undo is harmless
-    assert _current() == ORIGINALS
+    assert _unpatched()
     patch = fastserial.patch_torch()
     assert _patched()
     patch.undo()
-    assert _current() == ORIGINALS
+    assert _unpatched()
 
 
 def test_nested_patches_restore_on_the_outermost_undo():
@@ -69,7 +83,7 @@ def test_nested_patches_restore_on_the_outermost_undo():
     outer()
     assert _patched()  # undone out of order: still one patch left
     inner()
-    assert _current() == ORIGINALS
+    assert _unpatched()
 
 
 def test_patched_torch_save_and_load_roundtrip(tmp_path):

@@ -142,9 +142,19 @@ def _wrap(name, make):
     return {"obj": make(), "other": torch.arange(2.0)}
 
 
+_REFUSED = object()
+
+
 def _loads(data, weights_only):
+    """fastserial's and torch's loads of ``data``; both ``_REFUSED`` when the installed
+    torch refuses it (torch 2.15 no longer allows nested tensors) and fastserial does too."""
+    try:
+        want = torch.load(io.BytesIO(data), weights_only=weights_only)
+    except pickle.UnpicklingError:
+        with pytest.raises(pickle.UnpicklingError):
+            fastserial.load(io.BytesIO(data), weights_only=weights_only)
+        return _REFUSED, _REFUSED
     got = fastserial.load(io.BytesIO(data), weights_only=weights_only)
-    want = torch.load(io.BytesIO(data), weights_only=weights_only)
     return got, want
 
 
@@ -155,7 +165,8 @@ def test_objects_load_like_torch(name, saver):
     data = torch_save_bytes(obj) if saver == "torch" else fs_save_bytes(obj)
     for weights_only in (True, False):
         got, want = _loads(data, weights_only)
-        assert_same(got, want)
+        if got is not _REFUSED:
+            assert_same(got, want)
     if "storage" not in name:  # storages load as TypedStorage, in torch too
         assert_same(got, obj, check_sharing=False)
 

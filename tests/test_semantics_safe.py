@@ -90,7 +90,9 @@ def test_allowlist_starts_empty_and_add_get_clear():
     assert fastserial.get_safe_globals() == [] == torch.serialization.get_safe_globals()
     fastserial.add_safe_globals([Point])
     fastserial.add_safe_globals([(KeywordOnly, "custom.KeywordOnly"), Point])
-    assert fastserial.get_safe_globals() == [Point, (KeywordOnly, "custom.KeywordOnly")]
+    want = {Point, (KeywordOnly, "custom.KeywordOnly")}
+    assert set(fastserial.get_safe_globals()) == want
+    assert len(fastserial.get_safe_globals()) == 2
     fastserial.clear_safe_globals()
     assert fastserial.get_safe_globals() == []
 
@@ -108,18 +110,18 @@ def test_safe_globals_context_manager():
         assert fastserial.get_safe_globals() == [Point]
         assert ctx is not None
         with fastserial.safe_globals([KeywordOnly]):
-            assert fastserial.get_safe_globals() == [Point, KeywordOnly]
+            assert set(fastserial.get_safe_globals()) == {Point, KeywordOnly}
         assert fastserial.get_safe_globals() == [Point]
     assert fastserial.get_safe_globals() == []
 
 
-def test_safe_globals_context_manager_keeps_earlier_additions():
-    # torch 2.13's safe_globals removes every listed global on exit, even one added
-    # before the block; fastserial only removes what the block itself added.
-    fastserial.add_safe_globals([Point])
-    with fastserial.safe_globals([Point, KeywordOnly]):
-        pass
-    assert fastserial.get_safe_globals() == [Point]
+def test_safe_globals_context_manager_exits_as_torchs_does():
+    """On exit both remove every listed global, one added before the block too."""
+    for api in (fastserial, torch.serialization):
+        api.add_safe_globals([Point])
+        with api.safe_globals([Point, KeywordOnly]):
+            pass
+        assert fastserial.get_safe_globals() == [] == torch.serialization.get_safe_globals()
 
 
 def test_safe_globals_context_manager_restores_on_error():
@@ -149,16 +151,35 @@ def test_allowed_custom_class_loads(how):
     assert_same(got, want)
 
 
-def test_fastserial_allowlist_is_its_own():
-    """torch's allow-list does not open fastserial's, and the other way round."""
-    data = torch_save_bytes({"p": Point(1, 2)})
+def test_allowlist_is_torchs_both_ways():
+    """A global allowed on torch opens fastserial's loads, and the other way round:
+    frameworks configure torch, and fastserial must follow (issue 12)."""
+    data = torch_save_bytes({"p": Point(1, torch.ones(2))})
     torch.serialization.add_safe_globals([Point])
+    got = fastserial.load(io.BytesIO(data))
+    assert_same(got, torch.load(io.BytesIO(data)))
+    torch.serialization.clear_safe_globals()
     with pytest.raises(pickle.UnpicklingError):
         fastserial.load(io.BytesIO(data))
-    torch.serialization.clear_safe_globals()
     fastserial.add_safe_globals([Point])
+    assert_same(torch.load(io.BytesIO(data)), fastserial.load(io.BytesIO(data)))
+    assert torch.serialization.get_safe_globals() == [Point]
+
+
+def test_torch_safe_globals_context_opens_fastserial_loads():
+    data = torch_save_bytes({"p": Point(1, torch.ones(2))})
+    with torch.serialization.safe_globals([Point]):
+        got = fastserial.load(io.BytesIO(data))
+        assert fastserial.get_unsafe_globals_in_checkpoint(io.BytesIO(data)) == []
+    assert_same(got, torch.load(io.BytesIO(data), weights_only=False))
     with pytest.raises(pickle.UnpicklingError):
-        torch.load(io.BytesIO(data))
+        fastserial.load(io.BytesIO(data))
+
+
+def test_refusal_names_torchs_api():
+    data = torch_save_bytes({"p": Point(1, 2)})
+    with pytest.raises(pickle.UnpicklingError, match="torch.serialization.add_safe_globals"):
+        fastserial.load(io.BytesIO(data))
 
 
 # --------------------------------------------------------------------------- get_unsafe_globals_in_checkpoint
@@ -246,7 +267,9 @@ def test_evil_fixtures_stay_refused_even_with_getattr_allowed(name, monkeypatch)
     env_var = fixture_entries()[name]["env_var"]
     monkeypatch.setenv(env_var, "x")
     monkeypatch.delenv(env_var)
-    with fastserial.safe_globals([getattr, (os.environ, "os.environ")]):
+    # os.environ itself is unhashable, which torch's list refuses; any object named
+    # "os.environ" stands for it: the module is blocked whatever the object is.
+    with fastserial.safe_globals([getattr, (os.getenv, "os.environ")]):
         with pytest.raises(pickle.UnpicklingError, match="os.environ"):
             fastserial.load(fixture_path(name))
     assert env_var not in os.environ

@@ -20,11 +20,13 @@ from .serialization import (
     DEFAULT_PROTOCOL,
     LoadEndianness,
     get_default_load_endianness,
+    get_default_mmap_options,
     get_pack_small_tensors,
     get_unsafe_globals_in_checkpoint,
     load,
     save,
     set_default_load_endianness,
+    set_default_mmap_options,
     set_pack_small_tensors,
 )
 
@@ -39,6 +41,8 @@ __all__ = [
     "LoadEndianness",
     "get_default_load_endianness",
     "set_default_load_endianness",
+    "get_default_mmap_options",
+    "set_default_mmap_options",
     "register_package",
     "add_safe_globals",
     "get_safe_globals",

@@ -22,6 +22,7 @@ import time
 from typing import Any, TextIO
 
 from ._fastserial import CheckpointError
+from ._optional import MissingDependencyError, require
 
 __all__ = ["Progress", "main"]
 
@@ -531,7 +532,7 @@ def _read_torch_tensors(src: str, notes: list[str], progress_stream: TextIO):
 
 def _read_safetensors(src: str, notes: list[str], progress_stream: TextIO):
     import numpy as np
-    from safetensors import safe_open
+    safe_open = require("safetensors", "reading a .safetensors file").safe_open
 
     fsnp = _fsnp()
     header, data_start = _safetensors_header(src)
@@ -566,8 +567,8 @@ def _read_safetensors(src: str, notes: list[str], progress_stream: TextIO):
 
 def _write_safetensors(arrays, dst: str, notes: list[str], progress_stream: TextIO) -> int:
     import numpy as np
-    import safetensors
 
+    safetensors = require("safetensors", "writing a .safetensors file")
     if not hasattr(safetensors, "TensorSpec"):
         raise RuntimeError("writing .safetensors needs a safetensors version with TensorSpec "
                            "(pip install -U safetensors)")
@@ -690,6 +691,9 @@ def main(argv: list[str] | None = None, out: TextIO | None = None, err: TextIO |
         return _COMMANDS[args.command](args, out, err)
     except BrokenPipeError:  # `fastserial inspect big.pt | head`
         _silence_stdout()
+        return _EXIT_FAIL
+    except MissingDependencyError as e:
+        err.write(f"fastserial {args.command}: {e}\n")
         return _EXIT_FAIL
     except (CheckpointError, pickle.UnpicklingError, NotImplementedError, OSError, ValueError,
             RuntimeError, TypeError, KeyError) as e:

@@ -22,14 +22,17 @@ from typing import Any
 from . import _fastserial as _native
 from . import location as _location
 from .serialization import (
+    _MALFORMED_PICKLE_ERRORS,
     CheckpointError,
-    _atomic_ok,
     _is_path,
     _Opened,
+    _path_target,
     _StorageType,
     _TorchInfo,
     _unpickler_class,
     _unpickling_error,
+    _validate_sparse_tensors,
+    _writable_view,
     _ZipLoader,
 )
 
@@ -55,7 +58,7 @@ class _LegacyLoader(_ZipLoader):
         self.archive = None
         self.file = opened.display
         self.map_location = map_location
-        self.restore_location = _location.restore_location_fn(map_location)
+        self.restore_location = self._user_callable(_location.restore_location_fn(map_location))
         self.is_meta = False
         self.pickle_module = pickle_module
         self.weights_only = weights_only
@@ -92,11 +95,14 @@ class _LegacyLoader(_ZipLoader):
         except EOFError as e:
             raise CheckpointError(f"{self.file}: the legacy checkpoint ends early: {e}") from e
         except Exception as e:
-            if not self.weights_only and (
-                not isinstance(e, _LEGACY_DATA_ERRORS) or isinstance(e, UnicodeDecodeError)
-            ):
-                # Trusted loads: errors from the user's own classes, and a wrong
-                # `encoding=` for Python 2 strings, pass through as from torch.load.
+            data_errors = _MALFORMED_PICKLE_ERRORS if self.weights_only else _LEGACY_DATA_ERRORS
+            if e is self.user_error or not isinstance(e, data_errors):
+                # What the user's map_location and torch itself raise (RuntimeError)
+                # passes through, as from torch.load; only the pickle's own faults
+                # are wrapped.
+                raise
+            if not self.weights_only and isinstance(e, UnicodeDecodeError):
+                # A wrong `encoding=` for Python 2 strings, as from torch.load.
                 raise
             if self.weights_only:
                 raise _unpickling_error(
@@ -133,12 +139,22 @@ class _LegacyLoader(_ZipLoader):
                     f"{self.file}: storage {root_key!r} declares {numel} elements "
                     f"({numel * itemsize} bytes), more than the whole {self.stream_size}-byte file"
                 )
-            cpu = info.UntypedStorage(numel * itemsize)
+            # Zeroed: the bytes follow the pickle, so code the pickle runs on a tensor
+            # (torch.Size(t)) reads zeros here, never old heap memory.
+            cpu = info.torch.zeros(numel * itemsize, dtype=info.uint8).untyped_storage()
             restored = self.restore_location(cpu, location)
             typed = info.TypedStorage(wrap_storage=restored, dtype=dtype, _internal=True)
             self.storages[root_key] = typed
             self.to_fill[root_key] = (cpu, restored, dtype)
         typed = self.storages[root_key]
+        if typed.dtype != dtype:
+            # A storage without data met again under another dtype, as torch.load
+            # treats it: the same bytes when the lengths agree, else an empty storage.
+            untyped = typed._untyped_storage
+            if untyped.nbytes() == numel * itemsize:
+                typed = info.TypedStorage(wrap_storage=untyped, dtype=dtype, _internal=True)
+            else:
+                typed = info.TypedStorage(device=untyped.device, dtype=dtype, _internal=True)
         if view_metadata is None:
             return typed
         view_key, offset, view_size = view_metadata
@@ -154,13 +170,19 @@ class _LegacyLoader(_ZipLoader):
 
     def load_stream(self, f):
         self.stream_size = _stream_size(f)
+        start = f.tell()
         try:
             magic = self.unpickle(f)
-        except Exception as e:
+        except Exception:
             # Not even the magic number unpickles: this is not a checkpoint at all.
+            try:
+                f.seek(start)
+                head = f.read(16)
+            except (OSError, ValueError):
+                head = b""
             raise CheckpointError(
-                f"{self.file}: not a torch checkpoint (neither a zip archive nor a legacy "
-                f"pickle stream: {type(e).__name__}: {e})"
+                f"{self.file}: not a checkpoint: neither a torch zip archive nor a legacy "
+                f"torch pickle stream (the data starts with {head!r})"
             ) from None
         if magic != MAGIC_NUMBER:
             raise CheckpointError(
@@ -181,7 +203,7 @@ class _LegacyLoader(_ZipLoader):
             self._fill(f, key, cpu, self.info.itemsize.get(dtype, 1))
             if restored is not cpu:
                 restored.copy_(cpu)
-        self.info.torch._utils._validate_loaded_sparse_tensors()
+        _validate_sparse_tensors(self.info.torch, self.weights_only, self.file)
         return result
 
     def _fill(self, f, key, storage, itemsize: int) -> None:
@@ -243,13 +265,6 @@ def _stream_size(f):
         return end
     except (AttributeError, OSError, ValueError):
         return None
-
-
-def _writable_view(storage) -> memoryview:
-    """A writable memoryview over a CPU storage's bytes."""
-    torch = _TorchInfo.get().torch
-    t = torch.empty((0,), dtype=torch.uint8).set_(storage)
-    return memoryview(t.numpy()).cast("B")
 
 
 def load_legacy(opened: _Opened, map_location, pickle_module, weights_only, pickle_load_args):
@@ -406,8 +421,10 @@ def save_legacy(obj, f, pickle_module, pickle_protocol, fsync: bool = True) -> N
 
 
 def _write_atomically(path: str, chunks, fsync: bool) -> None:
-    """Temp file beside ``path``, fsync, rename: the same guarantee as zip saves."""
-    if not _atomic_ok(path):
+    """Temp file beside ``path`` (beside a symlink's target), fsync, rename: the same
+    guarantee as zip saves."""
+    path, _, atomic = _path_target(path, zip_format=False)
+    if not atomic:
         with open(path, "wb") as fh:
             for chunk in chunks:
                 fh.write(chunk)

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import codecs
 import collections
-import ctypes
 import io
 import os
 import pickle
@@ -57,15 +56,13 @@ from . import allowlist as _safe
 from ._fastserial import CheckpointError
 from .legacy import scan_next_pickle, tar_member, tar_tensor_geometry
 from .serialization import (
-    _archive_prefix,
     _assumed_byteorder,
-    _atomic_ok,
     _is_path,
     _open_checkpoint,
     _Opened,
+    _path_target,
     _py2_name,
     _refusal,
-    _remove_stale_temp_files,
     _write_checkpoint,
 )
 
@@ -551,16 +548,9 @@ def _opaque_class(full: str, family: dict) -> type:
 
 
 def is_allowed_global(module: str, name: str) -> bool:
-    """Whether a weights-only load (torch's or this one) accepts ``module.name``."""
-    module, name = _py2_name(module, name)
-    full = f"{module}.{name}"
-    if _torch_standin(module, name) is not None:
-        return True
-    if module == "torch._utils" and name.startswith("_rebuild_") or full == "torch._tensor._rebuild_from_type_v2":
-        return True
-    if full in _PLAIN_SAFE_GLOBALS:
-        return True
-    return module.split(".")[0] not in _safe.BLOCKED_MODULES and full in _safe.user_safe_globals()
+    """Whether a weights-only load accepts ``module.name`` (the one policy of
+    ``fastserial.allowlist``, which every front end asks)."""
+    return _safe.verdict(*_py2_name(module, name)).allowed
 
 
 def _torch_standin(module: str, name: str):
@@ -700,6 +690,11 @@ class _Reader:
         full = f"{module}.{name}"
         if full not in self.globals_seen:
             self.globals_seen.append(full)
+        verdict = _safe.verdict(module, name) if self.mode == "strict" else None
+        if verdict is not None and not verdict.allowed:
+            raise pickle.UnpicklingError(
+                _refusal(self.file, full, verdict.blocked, _REFUSAL_ADVICE)
+            )
         if module == "torch._utils":
             fn = self._rebuilds.get(name)
             if fn is not None:
@@ -716,12 +711,14 @@ class _Reader:
             return plain
         if self.mode == "opaque":
             return _opaque_class(full, self._opaque_family)
-        blocked = module.split(".")[0] in _safe.BLOCKED_MODULES
-        if self.mode == "strict":
-            user = None if blocked else _safe.user_safe_globals().get(full)
-            if user is None:
-                raise pickle.UnpicklingError(_refusal(self.file, full, blocked, _REFUSAL_ADVICE))
-            return user
+        if verdict is not None:
+            if verdict.obj is None:
+                raise UnsupportedTensorError(
+                    f"{self.file}: the checkpoint uses {full}, which torch allows but "
+                    "fastserial.numpy has no numpy equivalent of; load it with torch "
+                    "(fastserial.load) instead."
+                )
+            return verdict.obj  # a global the user allowed
         return None  # trusting: import it
 
     def _unsupported(self, name: str):
@@ -966,7 +963,7 @@ class _ArrayFactory:
     def apply_swaps(self) -> None:
         for raw, size in self.deferred_swaps:
             if raw.nbytes:
-                _native.byteswap_address(raw.ctypes.data, raw.nbytes, size)
+                _native.byteswap(raw, size)
         self.deferred_swaps = []
 
 
@@ -977,7 +974,7 @@ class _ZipArrays(_ArrayFactory):
         self.swap = swap
         self.mapping = archive.mapping if mmap else None
         self.verify = verify
-        self.jobs: list[tuple[str, int, int, int]] = []
+        self.jobs: list[tuple[str, np.ndarray, int]] = []
         self.mapped: list[str] = []
 
     def storage(self, info: StorageInfo):
@@ -996,7 +993,7 @@ class _ZipArrays(_ArrayFactory):
                 self.mapped.append(record)
         else:
             raw = np.empty(nbytes, np.uint8)
-            self.jobs.append((record, raw.ctypes.data, nbytes, swap if swap > 1 else 0))
+            self.jobs.append((record, raw, swap if swap > 1 else 0))
         info.raw = raw
         return _typed_view(raw, info.dtype)
 
@@ -1229,7 +1226,7 @@ def _fill_legacy_storage(stream, info: StorageInfo, file: str) -> None:
             )
         # Legacy storage bytes are little-endian whatever machine wrote them.
         if sys.byteorder == "big" and info.dtype is not None and info.dtype.swap_size > 1:
-            _native.byteswap_address(info.raw.ctypes.data, info.nbytes, info.dtype.swap_size)
+            _native.byteswap(info.raw, info.dtype.swap_size)
 
 
 def _load_tar(opened: _Opened, mode: str, encoding: str):
@@ -1351,7 +1348,7 @@ class CheckpointStructure:
         else:
             raise CheckpointError(f"{self.file}: reading tensors of the tar format lazily is not supported")
         if self.swap and t.dtype.swap_size > 1 and count:
-            _native.byteswap_address(raw.ctypes.data, count, t.dtype.swap_size)
+            _native.byteswap(raw, t.dtype.swap_size)
         return raw, first
 
     def array(self, t: TensorInfo) -> np.ndarray:
@@ -1560,6 +1557,33 @@ class _Storage:
         self.low = low
         self.high = high
         self.swap = dtype.swap_size if not np_dtype.isnative and dtype.swap_size > 1 else 0
+
+    def bytes_now(self) -> np.ndarray:
+        """The storage's bytes as a uint8 array over ``root``'s memory, which it keeps
+        alive, checked against ``root`` as it is now: code run by the pickler (a
+        ``__reduce__``) may have resized it since the storage was met."""
+        if (self.low, self.high) != _byte_bounds(self.root):
+            raise ValueError(
+                "an array changed its memory while it was being saved (resized by code "
+                "run during pickling?); save it again"
+            )
+        return np.asarray(_Span(self.root, self.low, self.high - self.low))
+
+
+class _Span:
+    """``n`` bytes at ``low`` inside ``root``'s memory, as numpy's array interface,
+    holding ``root`` so that the memory outlives the view."""
+
+    __slots__ = ("__array_interface__", "root")
+
+    def __init__(self, root, low: int, n: int):
+        self.root = root
+        self.__array_interface__ = {
+            "data": (low, True),
+            "shape": (n,),
+            "typestr": "|u1",
+            "version": 3,
+        }
 
 
 def _byte_bounds(a: np.ndarray) -> tuple[int, int]:
@@ -1773,15 +1797,11 @@ def _save(obj, f, *, fsync: bool = True, progress: Callable[[int], None] | None 
     state = _SaveState()
     data = _dump(obj, state)
     if _is_path(f):
-        path = os.fsdecode(os.fspath(f))
-        if os.path.isdir(path):
-            raise IsADirectoryError(f"{path}: is a directory; expected a checkpoint file path")
-        # As fastserial.save: atomic over a regular file, after removing what killed
-        # saves to this path left behind, with early writeback when it will fsync.
-        atomic = _atomic_ok(path)
-        if atomic:
-            _remove_stale_temp_files(path)
-        writer = _native.ArchiveWriter(path, _archive_prefix(path), atomic=atomic, durable=fsync)
+        # As fastserial.save: through a symlink to its target, atomic over a regular
+        # file, after removing what killed saves to it left behind, with early
+        # writeback when it will fsync.
+        path, prefix, atomic = _path_target(f)
+        writer = _native.ArchiveWriter(path, prefix, atomic=atomic, durable=fsync)
     elif hasattr(f, "write"):
         writer = _native.ArchiveWriter(f, "archive", durable=fsync)
     else:
@@ -1801,7 +1821,7 @@ _BATCH_BYTES = 64 << 20
 def _write_storages(writer, storages: list[_Storage], progress) -> None:
     """Storages straight from the arrays' memory, in batches (for the progress bar);
     big-endian ones through a swapped copy, one at a time."""
-    batch: list[tuple[str, int, int]] = []
+    batch: list[tuple[str, np.ndarray]] = []
     batch_bytes = 0
 
     def flush():
@@ -1813,18 +1833,17 @@ def _write_storages(writer, storages: list[_Storage], progress) -> None:
         batch, batch_bytes = [], 0
 
     for s in storages:
-        name, nbytes = f"data/{s.ref.key}", s.high - s.low
-        if s.swap and nbytes:
+        name, data = f"data/{s.ref.key}", s.bytes_now()
+        if s.swap and data.nbytes:
             flush()
-            copy = np.empty(nbytes, np.uint8)
-            ctypes.memmove(copy.ctypes.data, s.low, nbytes)
-            _native.byteswap_address(copy.ctypes.data, nbytes, s.swap)
-            writer.write_storages([(name, copy.ctypes.data, nbytes)])
+            copy = data.copy()
+            _native.byteswap(copy, s.swap)
+            writer.write_storages([(name, copy)])
             if progress is not None:
-                progress(nbytes)
+                progress(copy.nbytes)
             continue
-        batch.append((name, s.low, nbytes))
-        batch_bytes += nbytes
+        batch.append((name, data))
+        batch_bytes += data.nbytes
         if batch_bytes >= _BATCH_BYTES:
             flush()
     flush()

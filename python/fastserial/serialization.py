@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import _compat_pickle
 import contextlib
+import errno
 import gc
 import io
 import os
@@ -31,6 +32,7 @@ from . import _fastserial as _native
 from . import allowlist as _safe
 from . import location as _location
 from ._fastserial import CheckpointError
+from ._optional import require as _require
 
 __all__ = [
     "save",
@@ -39,6 +41,8 @@ __all__ = [
     "LoadEndianness",
     "get_default_load_endianness",
     "set_default_load_endianness",
+    "get_default_mmap_options",
+    "set_default_mmap_options",
     "set_pack_small_tensors",
     "get_pack_small_tensors",
     "DEFAULT_PROTOCOL",
@@ -97,26 +101,40 @@ class LoadEndianness(Enum):
 _default_load_endianness: Optional[LoadEndianness] = None
 
 
+def _torch_serialization():
+    """``torch.serialization`` when torch is imported (its settings are the ones that
+    hold), else None: a front end without torch keeps fastserial's own settings."""
+    torch = sys.modules.get("torch")
+    return getattr(torch, "serialization", None) if torch is not None else None
+
+
 def get_default_load_endianness() -> Optional[LoadEndianness]:
-    """The byte order assumed for files without a ``byteorder`` record (``None``: little)."""
-    return _default_load_endianness
+    """The byte order assumed for files without a ``byteorder`` record (``None``:
+    little). With torch imported this is torch's setting
+    (``torch.serialization.get_default_load_endianness``)."""
+    ts = _torch_serialization()
+    if ts is None:
+        return _default_load_endianness
+    setting = ts.get_default_load_endianness()
+    return None if setting is None else LoadEndianness[setting.name]
 
 
-def set_default_load_endianness(endianness: Optional[LoadEndianness]) -> None:
-    """Sets the byte order assumed for files without a ``byteorder`` record."""
+def set_default_load_endianness(endianness) -> None:
+    """Sets the byte order assumed for files without a ``byteorder`` record, on torch
+    too when it is imported (either library's ``LoadEndianness`` is accepted)."""
     global _default_load_endianness
-    if endianness is not None and not isinstance(endianness, LoadEndianness):
-        raise TypeError("endianness must be None or a fastserial.LoadEndianness")
-    _default_load_endianness = endianness
+    ts = _torch_serialization()
+    valid = (LoadEndianness,) + ((ts.LoadEndianness,) if ts is not None else ())
+    if endianness is not None and not isinstance(endianness, valid):
+        raise TypeError("endianness must be None or a LoadEndianness")
+    ours = None if endianness is None else LoadEndianness[endianness.name]
+    _default_load_endianness = ours
+    if ts is not None:
+        ts.set_default_load_endianness(None if ours is None else ts.LoadEndianness[ours.name])
 
 
 def _assumed_byteorder() -> str:
-    setting = _default_load_endianness
-    if setting is None and "torch" in sys.modules:
-        # Honour torch's own setting for drop-in users who configured torch.
-        torch_setting = sys.modules["torch"].serialization.get_default_load_endianness()
-        if torch_setting is not None:
-            setting = LoadEndianness[torch_setting.name]
+    setting = get_default_load_endianness()
     if setting is None or setting is LoadEndianness.LITTLE:
         return "little"
     if setting is LoadEndianness.BIG:
@@ -124,13 +142,53 @@ def _assumed_byteorder() -> str:
     return sys.byteorder
 
 
+def _default_mmap() -> bool:
+    """``mmap=None``: torch's ``torch.utils.serialization.config.load.mmap``."""
+    if "torch" not in sys.modules:
+        return False
+    try:
+        from torch.utils.serialization import config
+    except ImportError:  # torch < 2.5 has no config module
+        return False
+    return bool(config.load.mmap)
+
+
+def _mmap_shared() -> bool:
+    """Whether mmap loads map the file shared (``torch.serialization.
+    set_default_mmap_options(mmap.MAP_SHARED)``): writes to tensors reach the file."""
+    import mmap as _mmap
+
+    ts = _torch_serialization()
+    getter = getattr(ts, "get_default_mmap_options", None)
+    if getter is None:
+        return False
+    return getter() == getattr(_mmap, "MAP_SHARED", -1)
+
+
+def set_default_mmap_options(flags: int):
+    """``torch.serialization.set_default_mmap_options``: ``mmap.MAP_PRIVATE`` (the
+    default; writes to tensors stay in memory) or ``mmap.MAP_SHARED`` (writes reach
+    the file). Usable as a context manager on torch versions whose own is one."""
+    import torch.serialization
+
+    return torch.serialization.set_default_mmap_options(flags)
+
+
+def get_default_mmap_options() -> int:
+    """``torch.serialization.get_default_mmap_options``."""
+    import mmap as _mmap
+
+    import torch.serialization
+
+    getter = getattr(torch.serialization, "get_default_mmap_options", None)
+    return getter() if getter is not None else _mmap.MAP_PRIVATE
+
+
 # --------------------------------------------------------------------------- torch helpers
 
 
 def _torch():
-    import torch
-
-    return torch
+    return _require("torch", "fastserial.load / fastserial.save (torch objects)")
 
 
 class _TorchInfo:
@@ -212,6 +270,14 @@ class _TorchInfo:
         return size // 2 if dtype in self.complex_dtypes else size
 
 
+def _writable_view(storage) -> memoryview:
+    """A writable memoryview over a CPU storage's bytes: a buffer export that native
+    code can fill, holding the storage while it is exported."""
+    info = _TorchInfo.get()
+    t = info.empty((0,), dtype=info.uint8).set_(storage)
+    return memoryview(t.numpy()).cast("B")
+
+
 class _StorageType:
     """What a legacy storage class (``torch.FloatStorage``) unpickles to: its dtype."""
 
@@ -264,6 +330,9 @@ class _Opened:
         self.archive = archive
         self.stream = stream
         self._closer = closer
+        #: the bytes of a stream that was read whole (a TorchScript archive is handed
+        #: to torch.jit.load from them)
+        self.data = None
 
     def close(self) -> None:
         self.archive = None
@@ -293,7 +362,9 @@ def _open_checkpoint(f, mmap: bool) -> _Opened:
             raise CheckpointError(f"{display}: the file is empty, not a checkpoint")
         kind = _sniff(head)
         if kind == "zip":
-            archive = _native.Archive.open_path(path, mmap=mmap, defer_data=not mmap)
+            archive = _native.Archive.open_path(
+                path, mmap=mmap, defer_data=not mmap, shared=mmap and _mmap_shared()
+            )
             return _Opened("zip", display, archive=archive)
         fh = open(path, "rb")
         return _Opened(kind, display, stream=fh, closer=fh.close)
@@ -328,30 +399,133 @@ def _open_checkpoint(f, mmap: bool) -> _Opened:
             fileno = f.fileno()
         except (AttributeError, OSError, io.UnsupportedOperation):
             fileno = None
-    if fileno is not None and f.tell() == 0:
+    start = f.tell() if fileno is not None else None
+    if fileno is not None:
         head = f.read(512)
-        f.seek(0)
+        f.seek(start)
         if not head:
             raise CheckpointError(f"{display}: the file is empty, not a checkpoint")
         kind = _sniff(head)
-        if kind == "zip":
-            archive = _native.Archive.open_fd(
-                os.dup(fileno), display, mmap=mmap, defer_data=not mmap
-            )
+        if kind != "zip":
+            # Legacy formats are read from the current position on, so the file is
+            # left just past the checkpoint, as torch.load leaves it.
+            return _Opened(kind, display, stream=f)
+        if start == 0:
+            archive = _native.Archive.open_fd(fileno, display, mmap=mmap, defer_data=not mmap)
             f.seek(0, io.SEEK_END)
             return _Opened("zip", display, archive=archive)
-        return _Opened(kind, display, stream=f)
 
     # Any other stream (gzip, sockets, custom readers): read it whole.
-    data = f.read()
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise TypeError(f"{display}: read() returned {type(data).__name__}, expected bytes")
+    data, start = _read_rest(f, display)
     if not data:
         raise CheckpointError(f"{display}: the stream is empty, not a checkpoint")
     kind = _sniff(bytes(data[:512]))
     if kind == "zip":
-        return _Opened("zip", display, archive=_native.Archive.open_buffer(data, display))
-    return _Opened(kind, display, stream=io.BytesIO(data))
+        opened = _Opened("zip", display, archive=_native.Archive.open_buffer(data, display))
+        opened.data = data
+        return opened
+    stream = _BytesStream(data)
+
+    def restore_position():
+        # torch.load reads a legacy checkpoint from the stream itself and leaves it
+        # just past the checkpoint: seekable streams end up there here too.
+        try:
+            f.seek(start + stream.tell())
+        except (AttributeError, OSError, ValueError):
+            pass
+
+    closer = restore_position if start is not None else None
+    return _Opened(kind, display, stream=stream, closer=closer)
+
+
+def _read_rest(f, display: str):
+    """``(bytes, start)``: the rest of stream ``f`` and the position it started at
+    (None when the stream cannot tell). Read with ``readinto`` into one buffer when the
+    stream has it (sized from the stream's end when it can seek), else with ``read()``."""
+    start = size = None
+    try:
+        if getattr(f, "seekable", lambda: True)():
+            start = f.tell()
+    except (AttributeError, OSError, ValueError):
+        start = None
+    if start is not None:
+        try:
+            size = max(f.seek(0, io.SEEK_END) - start, 0)
+        except (AttributeError, OSError, ValueError, TypeError):
+            size = None
+        try:
+            f.seek(start)
+        except (AttributeError, OSError, ValueError):
+            start = None
+    readinto = getattr(f, "readinto", None)
+    if readinto is None:
+        data = f.read()
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError(f"{display}: read() returned {type(data).__name__}, expected bytes")
+        return data, start
+    buf = bytearray(size if size else 1 << 20)
+    filled = 0
+    while True:
+        if filled == len(buf) and size is not None:
+            # The end the stream reported is reached: check that nothing follows.
+            probe = bytearray(1 << 16)
+            n = _read_some(readinto, probe, display)
+            if not n:
+                break
+            buf += probe[:n]
+            filled += n
+            size = None
+            continue
+        if filled == len(buf):
+            buf.extend(bytes(len(buf)))  # size unknown: grow geometrically
+        with memoryview(buf) as view, view[filled:] as part:
+            n = _read_some(readinto, part, display)
+        if not n:
+            break
+        filled += n
+    del buf[filled:]
+    return buf, start
+
+
+class _BytesStream(io.RawIOBase):
+    """A seekable read-only stream over a bytes-like object that, unlike
+    ``io.BytesIO`` given a bytearray, does not copy it."""
+
+    def __init__(self, data) -> None:
+        super().__init__()
+        self._view = memoryview(data).cast("B")
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        n = max(0, min(len(b), len(self._view) - self._pos))
+        if n:
+            with memoryview(b) as out, out.cast("B") as flat:
+                flat[:n] = self._view[self._pos : self._pos + n]
+            self._pos += n
+        return n
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence]
+        if base + pos < 0:
+            raise ValueError(f"negative seek position {base + pos}")
+        self._pos = base + pos
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+
+def _read_some(readinto, into, display: str) -> int:
+    n = readinto(into)
+    if n is None:
+        raise BlockingIOError(f"{display}: the stream has no data ready (non-blocking)")
+    return n
 
 
 # --------------------------------------------------------------------------- load
@@ -375,7 +549,6 @@ _INERT_GLOBALS = frozenset(
         "torch._utils._rebuild_tensor_v3",
         "torch._utils._rebuild_parameter",
         "torch._utils._rebuild_parameter_with_state",
-        "torch._utils._rebuild_qtensor",
         "torch._utils._rebuild_meta_tensor_no_storage",
         "torch.nn.parameter.Parameter",
         "torch.Size",
@@ -391,11 +564,70 @@ _INERT_GLOBALS = frozenset(
     }
 )
 
+#: Inert globals whose calls may read a tensor passed to them (``torch.Size(t)``
+#: reads ``t``'s elements). In a lazy load, where tensors are filled only after the
+#: pickle has run, each is called through a ``_LazyGuard``.
+_MAY_READ_ARGUMENTS = frozenset(
+    {
+        "collections.Counter",
+        "torch.Size",
+        "torch.device",
+        "builtins.bytearray",
+        "builtins.complex",
+        "torch.UntypedStorage",
+        "torch.storage.UntypedStorage",
+    }
+)
+
 _MODULE_RENAMES = {"torch.tensor": "torch._tensor"}
 
 
 class _Retry(Exception):
-    """Internal: a lazily built load found a storage used outside a tensor rebuild."""
+    """Internal: a lazily built load found a storage used outside a tensor rebuild,
+    or tensor data needed before it is read: the load starts over eagerly."""
+
+
+def _holds_tensor_data(obj, budget: int = 10_000) -> bool:
+    """Whether ``obj`` is or contains (through lists, tuples, sets and dicts) a
+    tensor or storage; True too past ``budget`` items, which a caller treats as
+    "maybe"."""
+    import torch
+
+    readable = (torch.Tensor, torch.UntypedStorage, torch.storage.TypedStorage,
+                _native.PendingStorage)
+    stack = [obj]
+    while stack:
+        item = stack.pop()
+        budget -= 1
+        if budget < 0 or isinstance(item, readable):
+            return True
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple, set, frozenset)):
+            stack.extend(item)
+    return False
+
+
+class _LazyGuard:
+    """A global whose call may read its arguments' data, in a lazy load: called with
+    a tensor anywhere in its arguments (whose bytes are not read yet), it ends the
+    lazy run, and the load starts over eagerly, every tensor filled before it is
+    used. Identity matters to the factory, so the guard is the one stand-in for its
+    global for the whole load."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn) -> None:
+        self.fn = fn
+
+    def __call__(self, *args, **kwargs):
+        if _holds_tensor_data(args) or _holds_tensor_data(kwargs):
+            raise _Retry()
+        return self.fn(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return repr(self.fn)
 
 
 def _unpickling_error(msg: str) -> pickle.UnpicklingError:
@@ -419,7 +651,7 @@ class _ZipLoader:
         self.archive = opened.archive
         self.file = opened.display
         self.map_location = map_location
-        self.restore_location = _location.restore_location_fn(map_location)
+        self.restore_location = self._user_callable(_location.restore_location_fn(map_location))
         self.is_meta = _is_meta_location(map_location)
         self.pickle_module = pickle_module
         self.weights_only = weights_only
@@ -429,9 +661,29 @@ class _ZipLoader:
         self.mapping = self.archive.mapping if mmap else None
         self.staging = False  # set when the mapping only stages data for a device
         self.factory = None
+        #: persistent ids in the pickle (the scan's count): bounds the prefetch
+        self.persistent_ids = 0
+        #: stand-ins for globals that may read tensor data, by id of the global
+        self._guards: dict[int, _LazyGuard] = {}
         #: which unpickler ran the pickle (or was running when the load failed):
         #: "native" (unpickle.rs) or "python"
         self.unpickler_used: Optional[str] = None
+
+    #: the last exception a user callable (map_location) raised during this load: it
+    #: reaches the caller unchanged, never re-wrapped as a fault of the pickle
+    user_error: Optional[BaseException] = None
+
+    def _user_callable(self, fn):
+        """``fn``, remembering what it raises in ``user_error``."""
+
+        def call(*args):
+            try:
+                return fn(*args)
+            except BaseException as e:
+                self.user_error = e
+                raise
+
+        return call
 
     # -- record helpers
 
@@ -475,6 +727,7 @@ class _ZipLoader:
                 f"{', '.join(scan['unsafe_opcodes'])}"
             )
         self.swap = self._byteorder() != sys.byteorder
+        self.persistent_ids = scan["persistent_ids"]
         globals_used = {
             "{}.{}".format(*_canonical_global(m, n, scan["protocol"])) for m, n in scan["globals"]
         }
@@ -542,9 +795,9 @@ class _ZipLoader:
             raise
         except _MALFORMED_PICKLE_ERRORS as e:
             # What the unpickler raises for pickles that call allowed functions wrongly
-            # or end early. Everything else (RuntimeError from map_location, OSError)
-            # propagates unchanged, as from torch.load.
-            if self.weights_only:
+            # or end early. Everything else (whatever map_location raises, RuntimeError,
+            # OSError) propagates unchanged, as from torch.load.
+            if self.weights_only and e is not self.user_error:
                 raise _unpickling_error(
                     f"{self.file}: weights-only load failed while unpickling "
                     f"'{self.archive.prefix}/data.pkl': {type(e).__name__}: {e}"
@@ -563,7 +816,7 @@ class _ZipLoader:
             if failures:
                 record, problem = failures[0]
                 raise self._fail(f"record '{record}' failed verification: {problem}")
-        self.info.torch._utils._validate_loaded_sparse_tensors()
+        _validate_sparse_tensors(self.info.torch, self.weights_only, self.file)
         return result
 
     def _make_factory(self):
@@ -579,6 +832,7 @@ class _ZipLoader:
                 "empty_like": info.torch.empty_like,
                 "empty": info.empty,
                 "UntypedStorage": info.UntypedStorage,
+                "untyped_global": self._guard(info.UntypedStorage),
                 "frombuffer": info.frombuffer,
                 "set_tensor_metadata": info.set_tensor_metadata,
                 "uint8": info.uint8,
@@ -587,6 +841,7 @@ class _ZipLoader:
             from_dlpack=info.from_dlpack,
             dlpack_codes=info.dlpack_codes,
             pack_small=_pack_small_tensors,
+            storages_named=self.persistent_ids,
             fallbacks={
                 "persistent_load": self.persistent_load,
                 "rebuild_tensor_v2": self.rebuild_tensor_v2,
@@ -612,9 +867,15 @@ class _ZipLoader:
             )
         entry = self.storages.get(key)
         if entry is not None:
-            return entry
+            retyped = self._retyped(entry, storage_type, numel)
+            if retyped is None:
+                return entry
+            if retyped is not False:
+                return retyped
+            # The references disagree on the record's length: this one gets a storage
+            # of its own (checked against the record below), as in torch.load.
         info = self.info
-        if storage_type is info.UntypedStorage:
+        if self._is_untyped(storage_type):
             dtype = info.uint8
         elif type(storage_type) is _StorageType:
             dtype = storage_type.dtype
@@ -640,8 +901,30 @@ class _ZipLoader:
             )
         swap = info.swap_size(dtype) if self.swap else 0
         entry = self._eager_storage(record, dtype, nbytes, swap, location)
-        self.storages[key] = entry
+        self.storages.setdefault(key, entry)
         return entry
+
+    def _retyped(self, entry, storage_type, numel):
+        """A storage met again under another dtype: ``torch.save`` allows that only for
+        a record with no data (an empty storage viewed with several dtypes, or one
+        saved from meta). As ``torch.load``: None when the dtype is the same (use
+        ``entry``), a storage of the new dtype over the same bytes when the lengths
+        agree, False when they do not (the reference needs a storage of its own)."""
+        info = self.info
+        if self._is_untyped(storage_type):
+            dtype = info.uint8
+        elif type(storage_type) is _StorageType:
+            dtype = storage_type.dtype
+        else:
+            return None  # not a storage type: the caller's checks refuse it
+        if dtype == entry.dtype or type(numel) is not int:
+            return None
+        untyped = entry._untyped_storage
+        if untyped.nbytes() != numel * info.itemsize.get(dtype, 1):
+            return False
+        typed = info.TypedStorage(wrap_storage=untyped, dtype=dtype, _internal=True)
+        typed._fastserial_swapped = getattr(entry, "_fastserial_swapped", True)
+        return typed
 
     def _eager_storage(self, record: str, dtype, nbytes: int, swap: int, location: str):
         info = self.info
@@ -668,8 +951,10 @@ class _ZipLoader:
             return info.UntypedStorage(0)
         if self.mapping is not None:
             return self._mapped_tensor(record, info.uint8, nbytes, swap).untyped_storage()
+        # Read through a buffer export of the new storage: no address passes through
+        # Python, and the storage stays an ordinary (resizable) one, as torch.load's.
         untyped = info.UntypedStorage(nbytes)
-        self.archive.read_into([(record, untyped.data_ptr(), nbytes, swap)], verify=self.verify)
+        self.archive.read_into([(record, _writable_view(untyped), swap)], verify=self.verify)
         return untyped
 
     def _mapped_tensor(self, record: str, dtype, count_bytes: int, swap: int):
@@ -712,7 +997,7 @@ class _ZipLoader:
         untyped = typed._untyped_storage
         if not getattr(typed, "_fastserial_swapped", True) and untyped.device.type == "cpu":
             # An untyped storage from a foreign-endian file: swap by the tensor's dtype.
-            _native.byteswap_address(untyped.data_ptr(), untyped.nbytes(), info.swap_size(dtype))
+            _native.byteswap(_writable_view(untyped), info.swap_size(dtype))
             typed._fastserial_swapped = True
         if untyped.device.type != "meta":
             self._check_view(
@@ -785,6 +1070,9 @@ class _ZipLoader:
     def find_class(self, module: str, name: str, proto: int, fix_imports: bool):
         module, name = _canonical_global(module, name, proto, fix_imports)
         full = f"{module}.{name}"
+        verdict = _safe.verdict(module, name) if self.weights_only else None
+        if verdict is not None and not verdict.allowed:
+            raise _unpickling_error(_refusal(self.file, full, blocked=verdict.blocked))
         if module == "torch" and name.endswith("Storage"):
             info = self.info
             if name == "UntypedStorage":
@@ -795,16 +1083,30 @@ class _ZipLoader:
         if module == "torch.storage" and name in ("UntypedStorage", "TypedStorage"):
             return getattr(self.info.torch.storage, name)
         override = self._override(full)
-        if self.weights_only:
-            if module.split(".")[0] in _safe.BLOCKED_MODULES:
-                raise _unpickling_error(_refusal(self.file, full, blocked=True))
-            obj = _safe.builtin_safe_globals().get(full)
-            if obj is None:
-                obj = _safe.user_safe_globals().get(full)
-            if obj is None:
-                raise _unpickling_error(_refusal(self.file, full))
-            return override or obj
+        if verdict is not None:
+            return override or verdict.obj
         return override
+
+    def _guard(self, obj):
+        """The one ``_LazyGuard`` of ``obj`` for this load."""
+        guard = self._guards.get(id(obj))
+        if guard is None:
+            guard = self._guards[id(obj)] = _LazyGuard(obj)
+        return guard
+
+    def _is_untyped(self, storage_type) -> bool:
+        untyped = self.info.UntypedStorage
+        return storage_type is untyped or (
+            type(storage_type) is _LazyGuard and storage_type.fn is untyped
+        )
+
+    def guarded(self, module: str, name: str, proto: int, fix_imports: bool, obj):
+        """``obj``, the global ``module.name`` resolved, or its guard in a lazy load
+        when a call of it may read tensor data (``_MAY_READ_ARGUMENTS``)."""
+        if self.factory is None or obj is None:
+            return obj
+        full = "{}.{}".format(*_canonical_global(module, name, proto, fix_imports))
+        return self._guard(obj) if full in _MAY_READ_ARGUMENTS else obj
 
     def _override(self, full: str):
         fast = self.factory
@@ -817,6 +1119,29 @@ class _ZipLoader:
         if full == "torch._utils._rebuild_qtensor":
             return self.rebuild_qtensor
         return None
+
+
+def _validate_sparse_tensors(torch, weights_only: bool, file: str) -> None:
+    """torch's check of the sparse tensors a load made: always under weights_only
+    (an invalid index would read out of bounds later), as torch >= 2.15 does, and
+    otherwise when ``torch.sparse.check_sparse_tensor_invariants`` is on."""
+    import inspect
+
+    validate = torch._utils._validate_loaded_sparse_tensors
+    pending = torch._utils._get_sparse_tensors_to_validate()
+    if not pending:
+        return
+    try:
+        if "weights_only" in inspect.signature(validate).parameters:
+            validate(weights_only=weights_only)
+        elif weights_only:
+            with torch.sparse.check_sparse_tensor_invariants():
+                validate()
+        else:
+            validate()
+    except RuntimeError as e:
+        pending.clear()
+        raise CheckpointError(f"{file}: a sparse tensor in the checkpoint is invalid: {e}") from e
 
 
 def _py2_name(module: str, name: str) -> tuple[str, str]:
@@ -847,12 +1172,7 @@ def _refusal(file: str, full: str, blocked: bool = False, advice: Optional[str] 
     return (
         f"{file}: weights-only load refused global '{full}' (GLOBAL {full} is not an "
         "allowed global). "
-        + (
-            advice
-            or f"If you trust this checkpoint, allow it with fastserial.add_safe_globals([{full}]) "
-            "or the fastserial.safe_globals([...]) context manager, or load with "
-            "weights_only=False (which runs arbitrary code from the file)."
-        )
+        + (advice or _safe.refusal_hint(full))
     )
 
 
@@ -951,12 +1271,11 @@ def _unpickler_class(pickle_module):
             self._fix_imports = kwargs.get("fix_imports", True)
 
         def find_class(self, module_name, name):
-            found = self._loader.find_class(
-                module_name, name, getattr(self, "proto", 2), self._fix_imports
-            )
-            if found is not None:
-                return found
-            return super().find_class(_MODULE_RENAMES.get(module_name, module_name), name)
+            proto = getattr(self, "proto", 2)
+            found = self._loader.find_class(module_name, name, proto, self._fix_imports)
+            if found is None:
+                found = super().find_class(_MODULE_RENAMES.get(module_name, module_name), name)
+            return self._loader.guarded(module_name, name, proto, self._fix_imports, found)
 
     with _unpickler_lock:
         try:
@@ -1019,7 +1338,7 @@ def load(
             k: v for k, v in pickle_load_args.items() if k in ("encoding", "errors", "fix_imports")
         }
     pickle_load_args.setdefault("encoding", "utf-8")
-    mmap = bool(mmap)
+    mmap = _default_mmap() if mmap is None else bool(mmap)
 
     if _is_path(f) and os.fspath(f).endswith(".safetensors"):
         return _load_safetensors(os.fspath(f), map_location)
@@ -1028,8 +1347,14 @@ def load(
     # file (the page cache) instead of an anonymous CPU buffer. No tensor stays on the
     # CPU, so nothing user-visible is backed by the mapping.
     stage_through_mapping = not mmap and _is_path(f) and _is_device_target(map_location)
+    start = None if _is_path(f) else _position(f)
     opened = _open_checkpoint(f, mmap or stage_through_mapping)
     try:
+        if opened.kind == "zip" and opened.archive.has("constants.pkl"):
+            # As torch.load: a TorchScript archive goes to torch.jit.load, with a warning.
+            warnings.warn(_TORCHSCRIPT_WARNING, UserWarning, stacklevel=2)
+            opened.close()
+            return _load_torchscript(f, opened, start, map_location, weights_only)
         if opened.kind == "zip":
             if stage_through_mapping:
                 mmap = True
@@ -1047,14 +1372,42 @@ def load(
         opened.close()
 
 
-def _load_safetensors(path: str, map_location):
+_TORCHSCRIPT_WARNING = (
+    "'torch.load' received a zip file that looks like a TorchScript archive"
+    " dispatching to 'torch.jit.load' (call 'torch.jit.load' directly to"
+    " silence this warning)"
+)
+
+
+def _position(f) -> Optional[int]:
     try:
-        import safetensors.torch
-    except ImportError as e:  # pragma: no cover - depends on environment
+        return f.tell()
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def _load_torchscript(f, opened: _Opened, start: Optional[int], map_location, weights_only: bool):
+    """What torch.load does with a TorchScript archive (torch's ``_is_torchscript_zip``:
+    it has ``constants.pkl``): refuse it under weights_only, else ``torch.jit.load``
+    from where the file started."""
+    torch = _torch()
+    if weights_only:
         raise RuntimeError(
-            "Attempting to load a safetensors file but safetensors is not installed. "
-            "Please install safetensors with: pip install safetensors"
-        ) from e
+            "Cannot use ``weights_only=True`` with TorchScript archives passed to "
+            "``torch.load``. " + getattr(torch.serialization, "UNSAFE_MESSAGE", "")
+        )
+    if _is_path(f):
+        source = os.fspath(f)
+    elif opened.data is not None:
+        source = io.BytesIO(opened.data)  # a stream read whole (it may not seek back)
+    else:
+        f.seek(start if start is not None else 0)
+        source = f
+    return torch.jit.load(source, map_location=map_location)
+
+
+def _load_safetensors(path: str, map_location):
+    safetensors_torch = _require("safetensors.torch", "loading a .safetensors file")
     device = "cpu"
     if map_location is not None:
         if isinstance(map_location, (str, bytes)):
@@ -1066,7 +1419,7 @@ def _load_safetensors(path: str, map_location):
                 "Loading a safetensors file supports only a device string or torch.device "
                 "as map_location."
             )
-    return safetensors.torch.load_file(path, device=device)
+    return safetensors_torch.load_file(path, device=device)
 
 
 # --------------------------------------------------------------------------- save
@@ -1179,6 +1532,57 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
+def _path_target(f, *, zip_format: bool = True) -> tuple[str, str, bool]:
+    """Where a save to the path ``f`` goes: ``(file to write, archive prefix, atomic)``.
+
+    As ``torch.save``: a symlink is written through (the link stays, its target gets
+    the checkpoint), and a missing parent folder raises torch's exception (its zip
+    writer's ``RuntimeError``; ``FileNotFoundError`` for the legacy format, which
+    torch writes with ``open()``). The file written is replaced atomically when it is
+    a regular file or absent (a temporary file beside it, renamed over it); what
+    killed saves to it left behind is removed first."""
+    path = os.fspath(f)
+    if isinstance(path, bytes):
+        path = os.fsdecode(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path}: is a directory; expected a checkpoint file path")
+    prefix = _archive_prefix(path)
+    target = os.path.realpath(path) if os.path.islink(path) else path
+    parent = os.path.dirname(target)
+    if parent and not os.path.isdir(parent):
+        if not zip_format:
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
+        missing = os.path.dirname(path) if target == path else parent
+        raise RuntimeError(f"Parent directory {missing} does not exist.")
+    atomic = _atomic_ok(target)
+    if atomic:
+        _remove_stale_temp_files(target)
+    return target, prefix, atomic
+
+
+def _skip_data() -> bool:
+    """Whether a ``torch.serialization.skip_data()`` context is active."""
+    ts = sys.modules.get("torch.serialization")
+    return bool(getattr(getattr(ts, "_serialization_tls", None), "skip_data", False))
+
+
+class _SkipData:
+    """A save's helper inside ``torch.serialization.skip_data()``: every storage
+    record is written with its size but zero bytes (torch leaves the space empty),
+    and no storage's memory is read, nor any device storage copied."""
+
+    def __init__(self, helper) -> None:
+        self._helper = helper
+
+    def write_plan(self) -> list:
+        return [step if isinstance(step, list) else [step] for step in self._helper.write_plan()]
+
+    @staticmethod
+    def write_storages(writer, items) -> None:
+        for record, untyped in items:
+            writer.write_record(record, bytes(untyped.nbytes()))
+
+
 def _atomic_ok(path: str) -> bool:
     """Atomic replacement needs a regular file (or none) at ``path``."""
     try:
@@ -1206,23 +1610,20 @@ def save(
     Drop-in for ``torch.save``. Saving to a path is atomic: the checkpoint is written
     to a temporary file beside the target, flushed, fsynced (``fsync=False`` skips
     this durability step, not the atomicity) and renamed over the target, so a crash
-    at any moment leaves the previous checkpoint or the new one, whole.
+    at any moment leaves the previous checkpoint or the new one, whole. As torch, a
+    symlink is written through (atomically, beside its target), a file object is
+    flushed at the end, and ``torch.serialization.skip_data()`` is honoured.
     """
+    skip_data = _skip_data()
     if not _use_new_zipfile_serialization:
         from . import legacy
 
+        if skip_data:
+            raise RuntimeError("Cannot use skip_data=True with _use_new_zipfile_serialization=False")
         return legacy.save_legacy(obj, f, pickle_module, pickle_protocol, fsync=fsync)
+    target: Any
     if _is_path(f):
-        path = os.fspath(f)
-        if isinstance(path, bytes):
-            path = os.fsdecode(path)
-        if os.path.isdir(path):
-            raise IsADirectoryError(f"{path}: is a directory; expected a checkpoint file path")
-        target: Any = path
-        prefix = _archive_prefix(path)
-        atomic = _atomic_ok(path)
-        if atomic:
-            _remove_stale_temp_files(path)
+        target, prefix, atomic = _path_target(f)
     else:
         if not hasattr(f, "write"):
             raise AttributeError(
@@ -1245,12 +1646,14 @@ def save(
     else:
         pickled = memoryview(pickled)
 
+    if skip_data:
+        helper = _SkipData(helper)
     writer = _native.ArchiveWriter(target, prefix, atomic=atomic, durable=fsync)
     try:
         _write_checkpoint(
             writer,
             pickled,
-            lambda: _write_storages(writer, helper.write_plan()),
+            lambda: _write_storages(writer, helper),
             byteorder=not _disable_byteorder_record,
             fsync=fsync,
         )
@@ -1277,19 +1680,18 @@ def _write_checkpoint(writer, pickled, write_storages, *, byteorder: bool, fsync
         raise
 
 
-def _write_storages(writer, plan: list) -> None:
-    """CPU storages go to the writer straight from their memory, many per native call;
-    a device storage is copied to the CPU on its own, so at most one is staged."""
-    for step in plan:
+def _write_storages(writer, helper) -> None:
+    """CPU storages go to the writer straight from their memory, many per native call,
+    each read as it is at write time; a device storage is copied to the CPU on its
+    own, so at most one is staged."""
+    for step in helper.write_plan():
         if isinstance(step, list):
-            writer.write_storages(step)
+            helper.write_storages(writer, step)
             continue
         record, untyped = step
         if untyped.device.type == "meta":
             raise RuntimeError(f"cannot save the data of meta storage '{record}': it has none")
-        cpu = untyped.cpu()
-        writer.write_storages([(record, cpu.data_ptr(), cpu.nbytes())])
-        del cpu
+        helper.write_storages(writer, [(record, untyped.cpu())])
 
 
 # --------------------------------------------------------------------------- inspection
@@ -1314,12 +1716,11 @@ def get_unsafe_globals_in_checkpoint(f: FileLike) -> list[str]:
         scan = _native.scan_pickle(archive.read("data.pkl"), opened.display)
     finally:
         opened.close()
-    allowed = set(_safe.builtin_safe_globals()) | set(_safe.user_safe_globals())
     unsafe = []
     for module, name in scan["globals"]:
         module, name = _canonical_global(module, name, scan["protocol"])
         full = f"{module}.{name}"
-        if full in allowed or _is_storage_global(full):
+        if _safe.verdict(module, name).allowed:
             continue
         unsafe.append(full)
     return unsafe

@@ -28,6 +28,19 @@ impl MappedFile {
         Ok(MappedFile { map })
     }
 
+    /// Maps `file` shared (`MAP_SHARED`): writes to the mapping reach the file, as
+    /// with `torch.serialization.set_default_mmap_options(mmap.MAP_SHARED)`. The file
+    /// must be open for reading and writing.
+    ///
+    /// # Safety
+    /// As for [`MappedFile::map`]; and the caller asked for writes to reach the file.
+    pub unsafe fn map_shared(file: &File) -> std::io::Result<Self> {
+        // SAFETY: the caller accepts the mmap contract above and asked for a shared
+        // mapping; the mapping stays valid for the life of `MmapMut`.
+        let map = unsafe { MmapOptions::new().map_mut(file)? };
+        Ok(MappedFile { map })
+    }
+
     pub fn as_slice(&self) -> &[u8] {
         &self.map
     }

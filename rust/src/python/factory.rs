@@ -21,7 +21,9 @@ use pyo3::types::{PyBytes, PyDict, PyString, PyTuple};
 use rustc_hash::FxHashMap;
 
 use super::buffers::MappedBuffer;
-use super::dlpack::{self, DLDataType, Packer};
+use std::sync::Arc;
+
+use super::dlpack::{self, Block, DLDataType, Packer};
 use super::errors::{at, CheckpointError};
 use super::num_threads;
 use super::reader::PyArchive;
@@ -119,8 +121,8 @@ pub struct TensorFactory {
     name_buf: String,
     /// Pending storages handed to Python's unpickler, by key.
     slots: FxHashMap<Box<str>, Py<PyAny>>,
-    jobs: Vec<(usize, usize, usize, usize)>,
-    keepalive: Vec<Py<PyAny>>,
+    /// Reads queued until `finish`, each with what keeps its memory alive.
+    jobs: Vec<Fill>,
     /// The first tensor made for each layout ([dtype, ndim, sizes.., strides..]).
     templates: FxHashMap<Vec<i64>, Py<PyAny>>,
     scratch: Vec<i64>,
@@ -157,6 +159,25 @@ pub struct TensorFactory {
     prefetch: Option<Prefetch>,
 }
 
+/// Where a queued read lands, and what keeps that memory alive until it is done.
+enum Dest {
+    /// Memory of a packed block (`dlpack.rs`): this load's own, never resized.
+    Block { _alive: Arc<Block> },
+    /// Memory torch allocated for a storage, which the pickle (a BUILD handed to
+    /// Python, say) may have resized or swapped since: `finish` reads the storage's
+    /// address and size again, and fills it only if they are still the ones queued.
+    Storage(Py<PyAny>),
+}
+
+/// One record's read, queued until `finish`.
+struct Fill {
+    record: usize,
+    addr: usize,
+    nbytes: usize,
+    swap: usize,
+    dest: Dest,
+}
+
 /// What a worker thread returns: the archive (to be let go of with the GIL held) and
 /// the result of its reads.
 type PrefetchResult = (Py<PyArchive>, crate::error::Result<()>);
@@ -167,8 +188,8 @@ struct Prefetch {
     /// record -> (address, index in `packer.blocks`) of its bytes, until a tensor
     /// takes them.
     slots: Vec<Option<(usize, usize)>>,
-    /// (record, address, nbytes) of each prefetched record a tensor took.
-    taken: Vec<(usize, usize, usize)>,
+    /// (record, address, nbytes, block) of each prefetched record a tensor took.
+    taken: Vec<(usize, usize, usize, Arc<Block>)>,
     worker: std::thread::JoinHandle<PrefetchResult>,
 }
 
@@ -416,11 +437,16 @@ impl TensorFactory {
             let s = self.torch.untyped_storage.call1(py, (p.nbytes,))?;
             if p.nbytes > 0 {
                 let ptr: usize = s.call_method0(py, intern!(py, "data_ptr"))?.extract(py)?;
-                self.jobs.push((p.record, ptr, p.nbytes, p.swap));
+                self.jobs.push(Fill {
+                    record: p.record,
+                    addr: ptr,
+                    nbytes: p.nbytes,
+                    swap: p.swap,
+                    dest: Dest::Storage(s.clone_ref(py)),
+                });
             }
             s
         };
-        self.keepalive.push(s.clone_ref(py));
         p.storage = Some(s.clone_ref(py));
         Ok(s)
     }
@@ -574,8 +600,24 @@ impl TensorFactory {
         key.push(v.size.len() as i64);
         key.extend_from_slice(v.size);
         key.extend_from_slice(v.stride);
-        let t = match self.templates.get(key.as_slice()) {
-            Some(prev) => self.torch.empty_like.call1(py, (prev,))?,
+        // A template is the previous tensor of this layout, which the pickle may have
+        // changed since (a BUILD handed to Python): the new tensor's storage is
+        // checked to be exactly this record's size before it is used.
+        let mut made = None;
+        if let Some(prev) = self.templates.get(key.as_slice()) {
+            let t = self.torch.empty_like.call1(py, (prev,))?;
+            let storage = t.call_method0(py, intern!(py, "untyped_storage"))?;
+            let n: usize = storage
+                .call_method0(py, intern!(py, "nbytes"))?
+                .extract(py)?;
+            if n == p.nbytes {
+                made = Some((t, storage));
+            } else {
+                self.templates.remove(key.as_slice());
+            }
+        }
+        let (t, storage) = match made {
+            Some(m) => m,
             None => {
                 let kwargs = PyDict::new(py);
                 kwargs.set_item(intern!(py, "dtype"), dtype)?;
@@ -584,13 +626,22 @@ impl TensorFactory {
                     (PyTuple::new(py, v.size)?, PyTuple::new(py, v.stride)?),
                     Some(&kwargs),
                 )?;
-                self.templates.insert(key.clone(), t.clone_ref(py));
-                t
+                let key = self.scratch.clone();
+                self.templates.insert(key, t.clone_ref(py));
+                let storage = t.call_method0(py, intern!(py, "untyped_storage"))?;
+                (t, storage)
             }
         };
-        let ptr: usize = t.call_method0(py, intern!(py, "data_ptr"))?.extract(py)?;
-        self.jobs.push((p.record, ptr, p.nbytes, swap));
-        self.keepalive.push(t.clone_ref(py));
+        let ptr: usize = storage
+            .call_method0(py, intern!(py, "data_ptr"))?
+            .extract(py)?;
+        self.jobs.push(Fill {
+            record: p.record,
+            addr: ptr,
+            nbytes: p.nbytes,
+            swap,
+            dest: Dest::Storage(storage),
+        });
         p.first = Some(t.clone_ref(py));
         Ok(Some(t))
     }
@@ -625,12 +676,21 @@ impl TensorFactory {
             Some((addr, block)) => (addr, self.packer.blocks[block].clone()),
             None => self.packer.alloc(p.nbytes)?,
         };
+        let block_of_tensor = block.clone();
         let Some(t) = self.dlpack_tensor(py, dtype, dl, addr, v, block)? else {
             return Ok(None);
         };
         match (&mut self.prefetch, prefetched) {
-            (Some(pf), Some(_)) => pf.taken.push((p.record, addr, p.nbytes)),
-            _ => self.jobs.push((p.record, addr, p.nbytes, swap)),
+            (Some(pf), Some(_)) => pf.taken.push((p.record, addr, p.nbytes, block_of_tensor)),
+            _ => self.jobs.push(Fill {
+                record: p.record,
+                addr,
+                nbytes: p.nbytes,
+                swap,
+                dest: Dest::Block {
+                    _alive: block_of_tensor,
+                },
+            }),
         }
         p.first = Some(t.clone_ref(py));
         Ok(Some(t))
@@ -671,7 +731,11 @@ impl TensorFactory {
     /// Starts reading every small `data/` record into packed blocks on a worker
     /// thread, so the reads overlap the pickle's run on this one. A record no tensor
     /// takes was read for nothing; its memory goes with the blocks.
-    fn start_prefetch(&mut self, py: Python<'_>) {
+    /// `storages_named` is how many persistent ids the pickle holds (the scan's
+    /// count): a file with more small records than that has records no tensor
+    /// can use, and is read on demand instead, so the work stays proportional to
+    /// what the pickle uses.
+    fn start_prefetch(&mut self, py: Python<'_>, storages_named: usize) {
         const MIN_RECORDS: usize = 16;
         let archive = self.archive.get();
         let records = archive.archive.records();
@@ -682,7 +746,7 @@ impl TensorFactory {
                 r.name.starts_with(&data_dir) && r.size > 0 && r.size <= dlpack::SMALL_MAX as u64
             })
             .collect();
-        if small.len() < MIN_RECORDS {
+        if small.len() < MIN_RECORDS || small.len() > storages_named {
             return;
         }
         let mut slots = vec![None; records.len()];
@@ -845,7 +909,7 @@ impl TensorFactory {
 #[pymethods]
 impl TensorFactory {
     #[new]
-    #[pyo3(signature = (archive, *, swap, all_cpu, verify, mapping, torch_fns, sizes, fallbacks, from_dlpack=None, dlpack_codes=None, pack_small=true))]
+    #[pyo3(signature = (archive, *, swap, all_cpu, verify, mapping, torch_fns, sizes, fallbacks, from_dlpack=None, dlpack_codes=None, pack_small=true, storages_named=usize::MAX))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -860,6 +924,7 @@ impl TensorFactory {
         from_dlpack: Option<Py<PyAny>>,
         dlpack_codes: Option<Py<PyDict>>,
         pack_small: bool,
+        storages_named: usize,
     ) -> PyResult<Self> {
         let get = |d: &Bound<'_, PyDict>, k: &str| -> PyResult<Py<PyAny>> {
             d.get_item(k)?
@@ -879,7 +944,6 @@ impl TensorFactory {
             name_buf: String::new(),
             slots: FxHashMap::default(),
             jobs: Vec::new(),
-            keepalive: Vec::new(),
             templates: FxHashMap::default(),
             scratch: Vec::new(),
             dtypes: Vec::new(),
@@ -890,7 +954,12 @@ impl TensorFactory {
             all_cpu,
             verify,
             mapping,
-            untyped_cls: get(torch_fns, "UntypedStorage")?,
+            // What the pickle's UntypedStorage global resolved to (the loader may
+            // stand a guard in for the class).
+            untyped_cls: match torch_fns.get_item("untyped_global")? {
+                Some(g) => g.unbind(),
+                None => get(torch_fns, "UntypedStorage")?,
+            },
             uint8: get(torch_fns, "uint8")?,
             sizes,
             torch,
@@ -909,7 +978,7 @@ impl TensorFactory {
             && factory.mapping.is_none()
             && !factory.swap
         {
-            factory.start_prefetch(py);
+            factory.start_prefetch(py, storages_named);
         }
         Ok(factory)
     }
@@ -1026,7 +1095,8 @@ impl TensorFactory {
     }
 
     /// Reads every queued storage (GIL released, several threads) and lets go of
-    /// the references that kept their memory alive.
+    /// what kept their memory alive. A storage the pickle resized or swapped since
+    /// its read was queued is refused, never written.
     fn finish(&mut self, py: Python<'_>) -> PyResult<()> {
         let mut jobs = std::mem::take(&mut self.jobs);
         if let Some(pf) = self.prefetch.take() {
@@ -1034,29 +1104,58 @@ impl TensorFactory {
             if !matches!(joined, Ok((_, Ok(())))) {
                 // Read again what tensors took, so an error names its record, and
                 // one in a record no tensor uses fails nothing.
-                jobs.extend(pf.taken.iter().map(|&(rec, addr, n)| (rec, addr, n, 0)));
+                jobs.extend(
+                    pf.taken
+                        .into_iter()
+                        .map(|(record, addr, nbytes, block)| Fill {
+                            record,
+                            addr,
+                            nbytes,
+                            swap: 0,
+                            dest: Dest::Block { _alive: block },
+                        }),
+                );
             }
         }
         self.templates.clear();
+        for job in &jobs {
+            if let Dest::Storage(storage) = &job.dest {
+                let s = storage.bind(py);
+                let n: usize = s.call_method0(intern!(py, "nbytes"))?.extract()?;
+                let addr: usize = s.call_method0(intern!(py, "data_ptr"))?.extract()?;
+                if n != job.nbytes || addr != job.addr {
+                    let name = self.record_name(py, job.record);
+                    return Err(CheckpointError::new_err(format!(
+                        "{}: record '{name}': the pickle changed this storage (now {n} bytes) \
+                         before its {} bytes were read; refusing to write into it",
+                        self.archive(py).file,
+                        job.nbytes
+                    )));
+                }
+            }
+        }
         let archive = self.archive.get();
         let records = archive.archive.records();
         let verify = self.verify;
         let result = py.allow_threads(|| {
-            let jobs: Vec<ReadJob<'_>> = jobs
+            let reads: Vec<ReadJob<'_>> = jobs
                 .iter()
-                .map(|&(rec, addr, nbytes, swap)| ReadJob {
-                    record: &records[rec],
-                    // SAFETY: addr is the data_ptr() of a tensor or storage this factory
-                    // created for exactly nbytes bytes and holds in `keepalive` until the
-                    // read completes, or nbytes of a block `packer` holds; each record's
-                    // job targets distinct memory.
-                    dst: unsafe { std::slice::from_raw_parts_mut(addr as *mut u8, nbytes) },
-                    swap,
+                .map(|job| ReadJob {
+                    record: &records[job.record],
+                    // SAFETY: `job.dest` keeps this memory alive until the reads end
+                    // (`jobs` outlives them): a packed block this load carved the
+                    // range from, or a torch storage of exactly `nbytes` whose address
+                    // was read again above, with the GIL held and no Python code run
+                    // since. The storages and the tensors over them have not reached
+                    // the caller yet, so no other thread can resize them meanwhile;
+                    // each record's job targets distinct memory.
+                    dst: unsafe { std::slice::from_raw_parts_mut(job.addr as *mut u8, job.nbytes) },
+                    swap: job.swap,
                 })
                 .collect();
-            archive.archive.read_many_into(jobs, num_threads(), verify)
+            archive.archive.read_many_into(reads, num_threads(), verify)
         });
-        self.keepalive.clear();
+        drop(jobs);
         self.packer = Packer::default();
         result.map_err(at(&archive.file))
     }

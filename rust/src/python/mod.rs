@@ -62,24 +62,23 @@ fn scan_pickle<'py>(py: Python<'py>, data: &[u8], file: &str) -> PyResult<Bound<
     Ok(d)
 }
 
-/// Swaps the byte order of `nbytes` bytes at `address` in place, by `elem_size`-byte
-/// elements. Private API: the memory must be writable and alive during the call.
+/// Swaps the byte order of a writable, C-contiguous buffer in place, by
+/// `elem_size`-byte elements (the buffer stays exported during the call, so its
+/// memory cannot move).
 #[pyfunction]
-fn byteswap_address(
-    py: Python<'_>,
-    address: usize,
-    nbytes: usize,
-    elem_size: usize,
-) -> PyResult<()> {
-    if nbytes == 0 || elem_size <= 1 {
+fn byteswap(py: Python<'_>, data: pyo3::buffer::PyBuffer<u8>, elem_size: usize) -> PyResult<()> {
+    if data.readonly() || !data.is_c_contiguous() {
+        return Err(PyValueError::new_err(
+            "byteswap needs a writable C-contiguous buffer",
+        ));
+    }
+    let (addr, len) = (data.buf_ptr() as usize, data.len_bytes());
+    if len == 0 || elem_size <= 1 {
         return Ok(());
     }
-    if address == 0 {
-        return Err(PyValueError::new_err("null address"));
-    }
-    // SAFETY: the caller guarantees address points to nbytes writable bytes that stay alive
-    // and are not used elsewhere during the call (a storage the Python layer holds).
-    let buf = unsafe { std::slice::from_raw_parts_mut(address as *mut u8, nbytes) };
+    // SAFETY: `data` keeps the exporter's writable memory alive and in place during
+    // the call, and nothing else runs on it while the GIL is released here.
+    let buf = unsafe { std::slice::from_raw_parts_mut(addr as *mut u8, len) };
     py.allow_threads(|| byteswap_in_place(buf, elem_size))
         .map_err(PyValueError::new_err)
 }
@@ -114,7 +113,7 @@ fn _fastserial(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(scan_pickle, m)?)?;
-    m.add_function(wrap_pyfunction!(byteswap_address, m)?)?;
+    m.add_function(wrap_pyfunction!(byteswap, m)?)?;
     m.add_function(wrap_pyfunction!(crc32, m)?)?;
     m.add_function(wrap_pyfunction!(dlpack::dlpack_dtype, m)?)?;
     m.add_function(wrap_pyfunction!(dlpack::packed_blocks_alive, m)?)?;

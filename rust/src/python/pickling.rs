@@ -15,6 +15,7 @@ use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyDict, PyList, PyString, PyTuple};
 
+use super::writer::PyArchiveWriter;
 use crate::pickle::op;
 
 /// Stands for a storage inside a reduce tuple; `persistent_id` turns it into its id.
@@ -31,12 +32,11 @@ impl StorageRef {
     }
 }
 
-/// A storage to write: where its bytes are, captured when the pickler met it.
+/// A storage to write. Its address and size are read again when it is written: an
+/// object pickled later in the same save may have resized or freed its memory.
 struct SeenStorage {
     key: String,
     untyped: Py<PyAny>,
-    address: usize,
-    nbytes: usize,
     on_cpu: bool,
 }
 
@@ -273,12 +273,9 @@ impl SaveHelper {
         )?
         .unbind();
         self.refs.insert(cdata, Py::new(py, StorageRef { pid })?);
-        let nbytes: usize = untyped.call_method0(intern!(py, "nbytes"))?.extract()?;
         self.storages.push(SeenStorage {
             key: key.clone(),
             untyped: untyped.clone().unbind(),
-            address,
-            nbytes,
             on_cpu: device_type == "cpu",
         });
         Ok(key)
@@ -294,15 +291,15 @@ impl SaveHelper {
     }
 
     /// How to write the storages, in key order: runs of CPU storages as one list of
-    /// `(record, address, nbytes)` for `ArchiveWriter.write_storages`, and each device
-    /// storage as `(record, untyped_storage)` to be staged through the CPU.
+    /// `(record, untyped_storage)` for `write_storages`, and each device storage as
+    /// `(record, untyped_storage)` to be staged through the CPU.
     fn write_plan<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
         let plan = PyList::empty(py);
-        let mut run: Vec<(String, usize, usize)> = Vec::new();
+        let mut run: Vec<(String, Py<PyAny>)> = Vec::new();
         for s in &self.storages {
             let record = format!("data/{}", s.key);
             if s.on_cpu {
-                run.push((record, s.address, s.nbytes));
+                run.push((record, s.untyped.clone_ref(py)));
                 continue;
             }
             if !run.is_empty() {
@@ -314,6 +311,50 @@ impl SaveHelper {
             plan.append(PyList::new(py, run)?)?;
         }
         Ok(plan)
+    }
+
+    /// Writes CPU storages as records: `items` is `[(record, untyped_storage)]`, each
+    /// a `torch.UntypedStorage` on the CPU. Each storage's address and size are read
+    /// here, when it is written, so what lands in the file is the storage as it is
+    /// now (what `torch.save` writes), never memory it has let go of.
+    fn write_storages(
+        &self,
+        py: Python<'_>,
+        writer: &Bound<'_, PyArchiveWriter>,
+        items: Vec<(String, Bound<'_, PyAny>)>,
+    ) -> PyResult<()> {
+        let cls = self.untyped_cls.bind(py);
+        let mut spans = Vec::with_capacity(items.len());
+        for (record, untyped) in &items {
+            if !untyped.get_type().is(cls) {
+                return Err(pyo3::exceptions::PyTypeError::new_err(format!(
+                    "storage for '{record}' is a {}, not a torch.UntypedStorage",
+                    untyped.get_type().name()?
+                )));
+            }
+            let device = untyped
+                .getattr(intern!(py, "device"))?
+                .getattr(intern!(py, "type"))?;
+            if device.extract::<String>()? != "cpu" {
+                return Err(PyRuntimeError::new_err(format!(
+                    "storage for '{record}' is not on the CPU"
+                )));
+            }
+            let nbytes: usize = untyped.call_method0(intern!(py, "nbytes"))?.extract()?;
+            let address: usize = if nbytes == 0 {
+                0
+            } else {
+                untyped.call_method0(intern!(py, "data_ptr"))?.extract()?
+            };
+            spans.push((record.clone(), address, nbytes));
+        }
+        // SAFETY: each span is the data_ptr()/nbytes() that torch reports for an exact
+        // `torch.UntypedStorage` on the CPU, read just now with the GIL held and no
+        // Python code run since; `items` holds a reference to every storage until the
+        // write returns, so none is freed meanwhile. (Resizing one of them from another
+        // thread during the write would be a data race in the caller, as it is for
+        // torch.save.)
+        unsafe { writer.borrow_mut().write_spans(py, spans) }
     }
 }
 
@@ -393,8 +434,6 @@ impl SaveHelper {
                 self.storages.push(SeenStorage {
                     key: key.to_string(),
                     untyped: untyped.clone().unbind(),
-                    address,
-                    nbytes,
                     on_cpu,
                 });
                 r

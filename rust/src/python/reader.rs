@@ -72,14 +72,22 @@ impl PyArchive {
         py: Python<'_>,
         file: File,
         mmap: bool,
+        shared: bool,
         defer: bool,
         display: String,
     ) -> PyResult<Self> {
         if mmap {
-            // SAFETY: documented mmap contract (MappedFile::map): a private mapping; only
-            // truncation of the file by another process while mapped can fault.
-            let map = unsafe { MappedFile::map(&file) }
-                .map_err(|e| at(&display)(Error::io("mapping the file", e)))?;
+            // SAFETY: documented mmap contract (MappedFile::map): only truncation of the
+            // file by another process while mapped can fault; a shared mapping is what
+            // the caller asked for (torch's MAP_SHARED option).
+            let map = unsafe {
+                if shared {
+                    MappedFile::map_shared(&file)
+                } else {
+                    MappedFile::map(&file)
+                }
+            }
+            .map_err(|e| at(&display)(Error::io("mapping the file", e)))?;
             let buffer = MappedBuffer::new(map);
             let shared = buffer.map.clone();
             let mapping = Py::new(py, buffer)?;
@@ -108,21 +116,31 @@ impl PyArchive {
     /// leaves the local headers of `data/` records of an unmapped file unread until a
     /// record's data is first needed (see `Archive::open_deferring_data`).
     #[staticmethod]
-    #[pyo3(signature = (path, mmap=false, defer_data=false))]
-    fn open_path(py: Python<'_>, path: PathBuf, mmap: bool, defer_data: bool) -> PyResult<Self> {
+    #[pyo3(signature = (path, mmap=false, defer_data=false, shared=false))]
+    fn open_path(
+        py: Python<'_>,
+        path: PathBuf,
+        mmap: bool,
+        defer_data: bool,
+        shared: bool,
+    ) -> PyResult<Self> {
         let display = path.display().to_string();
-        let file = File::open(&path).map_err(|e| at(&display)(Error::io("opening", e)))?;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(mmap && shared)
+            .open(&path)
+            .map_err(|e| at(&display)(Error::io("opening", e)))?;
         if file.metadata().map(|m| m.is_dir()).unwrap_or(false) {
             return Err(at(&display)(Error::io(
                 "opening",
                 std::io::Error::new(std::io::ErrorKind::IsADirectory, "is a directory"),
             )));
         }
-        Self::open_file(py, file, mmap, defer_data, display)
+        Self::open_file(py, file, mmap, shared, defer_data, display)
     }
 
-    /// Opens a checkpoint from a file descriptor this call takes ownership of
-    /// (pass `os.dup(f.fileno())`).
+    /// Opens a checkpoint from a file descriptor the caller keeps: this call reads
+    /// through a duplicate of its own and never closes `fd`.
     #[staticmethod]
     #[pyo3(signature = (fd, display, mmap=false, defer_data=false))]
     fn open_fd(
@@ -132,13 +150,20 @@ impl PyArchive {
         mmap: bool,
         defer_data: bool,
     ) -> PyResult<Self> {
-        if fd < 0 {
-            return Err(PyValueError::new_err("invalid file descriptor"));
+        // F_DUPFD_CLOEXEC fails cleanly (EBADF) for a descriptor that is not open.
+        // SAFETY: fcntl only reads its integer arguments.
+        let own = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+        if own < 0 {
+            let err = std::io::Error::last_os_error();
+            return Err(at(&display)(Error::io(
+                "duplicating the file descriptor",
+                err,
+            )));
         }
-        // SAFETY: the caller hands us a freshly duplicated descriptor that nothing else
-        // owns; File takes ownership and closes it exactly once.
-        let file = unsafe { File::from_raw_fd(fd) };
-        Self::open_file(py, file, mmap, defer_data, display)
+        // SAFETY: `own` was just returned by fcntl: a new descriptor nothing else owns;
+        // File takes ownership and closes it exactly once.
+        let file = unsafe { File::from_raw_fd(own) };
+        Self::open_file(py, file, mmap, false, defer_data, display)
     }
 
     /// Opens a checkpoint held in memory (bytes, bytearray, memoryview).
@@ -253,48 +278,68 @@ impl PyArchive {
         Ok(OwnedBuffer::new(buf))
     }
 
-    /// Reads records into caller memory: `jobs` is a list of
-    /// `(record_name, address, nbytes, swap_element_size)`. Private API: every address
-    /// must point to `nbytes` writable bytes that stay alive during the call (the
-    /// Python layer passes `data_ptr()`s of storages it holds).
+    /// Reads records into caller memory: `jobs` is a list of `(record_name, buffer,
+    /// swap_element_size)`, each buffer a writable, C-contiguous object of the
+    /// buffer protocol (a numpy array, a bytearray) exactly the record's size. The
+    /// buffers stay exported, so their memory can be neither freed nor resized
+    /// while the reads run with the GIL released.
     #[pyo3(signature = (jobs, verify=false))]
     fn read_into(
         &self,
         py: Python<'_>,
-        jobs: Vec<(String, usize, usize, usize)>,
+        jobs: Vec<(String, PyBuffer<u8>, usize)>,
         verify: bool,
     ) -> PyResult<()> {
         let mut resolved = Vec::with_capacity(jobs.len());
-        for (name, addr, nbytes, swap) in &jobs {
+        for (name, buf, swap) in &jobs {
             let rec = self.record(name)?;
-            if *nbytes as u64 != rec.size {
-                return Err(at(&self.file)(Error::bad_record(
-                    &rec.name,
-                    format!("holds {} bytes but the pickle declares {nbytes}", rec.size),
+            if buf.readonly() || !buf.is_c_contiguous() {
+                return Err(PyValueError::new_err(format!(
+                    "read_into needs a writable C-contiguous buffer for '{name}'"
                 )));
             }
-            if *nbytes > 0 && *addr == 0 {
-                return Err(PyValueError::new_err("null destination address"));
+            if buf.len_bytes() as u64 != rec.size {
+                return Err(at(&self.file)(Error::bad_record(
+                    &rec.name,
+                    format!(
+                        "holds {} bytes but the destination has {}",
+                        rec.size,
+                        buf.len_bytes()
+                    ),
+                )));
             }
-            resolved.push((rec, *addr, *nbytes, *swap));
+            resolved.push((rec, buf.buf_ptr() as usize, buf.len_bytes(), *swap));
         }
-        let jobs: Vec<ReadJob<'_>> = resolved
+        for (i, a) in resolved.iter().enumerate() {
+            let overlaps = resolved[i + 1..]
+                .iter()
+                .any(|b| a.2 > 0 && b.2 > 0 && a.1 < b.1 + b.2 && b.1 < a.1 + a.2);
+            if overlaps {
+                return Err(PyValueError::new_err(
+                    "read_into destinations must not overlap",
+                ));
+            }
+        }
+        let jobs_ref: Vec<ReadJob<'_>> = resolved
             .into_iter()
             .map(|(record, addr, nbytes, swap)| ReadJob {
                 record,
                 dst: if nbytes == 0 {
                     &mut []
                 } else {
-                    // SAFETY: the caller guarantees addr points to nbytes writable bytes that
-                    // stay alive and are not accessed by anyone else during this call; each
-                    // job's memory is distinct (one job per storage).
+                    // SAFETY: addr/nbytes describe a writable, C-contiguous buffer that
+                    // `jobs` keeps exported until this call returns, so the exporter can
+                    // neither free nor move it; the destinations were checked not to
+                    // overlap, so each slice is the only one over its bytes.
                     unsafe { std::slice::from_raw_parts_mut(addr as *mut u8, nbytes) }
                 },
                 swap,
             })
             .collect();
-        py.allow_threads(|| self.archive.read_many_into(jobs, num_threads(), verify))
-            .map_err(at(&self.file))
+        let result =
+            py.allow_threads(|| self.archive.read_many_into(jobs_ref, num_threads(), verify));
+        drop(jobs);
+        result.map_err(at(&self.file))
     }
 
     /// Drops the process's mapped pages of a record once its data has been copied

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 
 use pyo3::buffer::PyBuffer;
 use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
@@ -27,7 +28,8 @@ impl Write for PySink {
             let written = self
                 .0
                 .call_method1(py, "write", (PyBytes::new(py, &buf[..n]),))
-                .map_err(|e| std::io::Error::other(e.to_string()))?;
+                // Carried inside the io::Error, so `py_error` re-raises the very object.
+                .map_err(std::io::Error::other)?;
             // Raw streams may write less than asked (None means "would block").
             match written.extract::<Option<usize>>(py) {
                 Ok(Some(k)) if k <= n => Ok(k),
@@ -42,6 +44,26 @@ impl Write for PySink {
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
     }
+}
+
+/// The exception a Python file's `write()` raised, when `err` carries one: it reaches
+/// the caller unchanged (same type, same object), as from `torch.save`.
+fn take_py_error(err: Error) -> std::result::Result<PyErr, Error> {
+    match err {
+        Error::Io { context, source } if source.get_ref().is_some_and(|e| e.is::<PyErr>()) => {
+            match source.into_inner().map(|inner| inner.downcast::<PyErr>()) {
+                Some(Ok(e)) => Ok(*e),
+                Some(Err(other)) => Err(Error::io(context, std::io::Error::other(other))),
+                None => Err(Error::Usage(context)),
+            }
+        }
+        other => Err(other),
+    }
+}
+
+/// `at(file)`, except that an exception raised by a Python file passes through.
+fn py_error(file: &str) -> impl Fn(Error) -> PyErr + '_ {
+    move |e| take_py_error(e).unwrap_or_else(|e| at(file)(e))
 }
 
 const BUFFER: usize = 1 << 20;
@@ -115,8 +137,34 @@ impl PyArchiveWriter {
         let file = self.file.clone();
         match self.target()? {
             Target::File { writer, .. } => py.allow_threads(|| f(writer)).map_err(at(&file)),
-            Target::Python(writer) => f(writer).map_err(at(&file)),
+            Target::Python(writer) => f(writer).map_err(py_error(&file)),
         }
+    }
+}
+
+impl PyArchiveWriter {
+    /// Appends one record per `(name, address, nbytes)`.
+    ///
+    /// # Safety
+    /// Each address must point to `nbytes` readable bytes that stay alive, and are not
+    /// written, until this call returns.
+    pub(crate) unsafe fn write_spans(
+        &mut self,
+        py: Python<'_>,
+        spans: Vec<(String, usize, usize)>,
+    ) -> PyResult<()> {
+        self.run(py, move |w| {
+            for (name, addr, n) in &spans {
+                let data: &[u8] = if *n == 0 {
+                    &[]
+                } else {
+                    // SAFETY: the caller of write_spans guarantees the span (above).
+                    unsafe { std::slice::from_raw_parts(*addr as *const u8, *n) }
+                };
+                w.record(name, data)?;
+            }
+            Ok(())
+        })
     }
 }
 
@@ -206,31 +254,29 @@ impl PyArchiveWriter {
         })
     }
 
-    /// Appends storage records: `items` is `[(name, address, nbytes)]`. Private API:
-    /// each address must point to `nbytes` readable bytes kept alive during the call.
+    /// Appends storage records from buffers: `items` is `[(name, buffer)]`, each a
+    /// C-contiguous object of the buffer protocol (a numpy array, bytes, ...). The
+    /// buffers stay exported until the records are written, so their memory can be
+    /// neither freed nor resized meanwhile.
     fn write_storages(
         &mut self,
         py: Python<'_>,
-        items: Vec<(String, usize, usize)>,
+        items: Vec<(String, PyBuffer<u8>)>,
     ) -> PyResult<()> {
-        for (_, addr, n) in &items {
-            if *n > 0 && *addr == 0 {
-                return Err(PyValueError::new_err("null storage address"));
+        let mut spans = Vec::with_capacity(items.len());
+        for (name, buf) in &items {
+            if !buf.is_c_contiguous() {
+                return Err(PyValueError::new_err(format!(
+                    "storage data for '{name}' must be C-contiguous"
+                )));
             }
+            spans.push((name.clone(), buf.buf_ptr() as usize, buf.len_bytes()));
         }
-        self.run(py, move |w| {
-            for (name, addr, n) in &items {
-                let data: &[u8] = if *n == 0 {
-                    &[]
-                } else {
-                    // SAFETY: the caller guarantees addr points to n readable bytes that stay
-                    // alive and unmodified during this call (storages it holds references to).
-                    unsafe { std::slice::from_raw_parts(*addr as *const u8, *n) }
-                };
-                w.record(name, data)?;
-            }
-            Ok(())
-        })
+        // SAFETY: every span is the memory of a buffer that `items` keeps exported
+        // until this call returns.
+        let result = unsafe { self.write_spans(py, spans) };
+        drop(items);
+        result
     }
 
     /// The 40-digit serialization id for the records written so far.
@@ -272,10 +318,16 @@ impl PyArchiveWriter {
                 })
                 .map_err(at(&file)),
             Target::Python(writer) => {
-                let buffered = writer.finish().map_err(at(&file))?;
-                buffered
-                    .into_inner()
-                    .map_err(|e| at(&file)(Error::io("flushing the checkpoint", e.into_error())))?;
+                let buffered = writer.finish().map_err(py_error(&file))?;
+                let sink = buffered.into_inner().map_err(|e| {
+                    py_error(&file)(Error::io("flushing the checkpoint", e.into_error()))
+                })?;
+                // As torch.save: the bytes leave the file object's own buffer, so
+                // whoever opens the file by name sees the whole checkpoint.
+                let target = sink.0.bind(py);
+                if target.hasattr(intern!(py, "flush"))? {
+                    target.call_method0(intern!(py, "flush"))?;
+                }
                 Ok(())
             }
         }

@@ -54,10 +54,11 @@ import numpy as np
 from . import _fastserial as _native
 from . import allowlist as _safe
 from ._fastserial import CheckpointError
-from .legacy import scan_next_pickle, tar_member, tar_tensor_geometry
-from .serialization import (
+from ._torch_io import (
     _assumed_byteorder,
+    _brief,
     _is_path,
+    _is_torchscript,
     _open_checkpoint,
     _Opened,
     _path_target,
@@ -65,6 +66,7 @@ from .serialization import (
     _refusal,
     _write_checkpoint,
 )
+from .legacy import scan_next_pickle, tar_member, tar_tensor_geometry
 
 try:  # a declared dependency, but keep plain dtypes working without it
     import ml_dtypes as _ml_dtypes
@@ -674,7 +676,7 @@ class _Reader:
         stream.seek(start)
 
     def _no_persistent_ids(self, saved_id):
-        raise pickle.UnpicklingError(f"{self.file}: unexpected persistent id {str(saved_id)[:80]!r}")
+        raise pickle.UnpicklingError(f"{self.file}: unexpected persistent id {_brief(saved_id)}")
 
     def fail(self, what: str) -> None:
         """A structural problem: raised, or recorded when collecting (verify)."""
@@ -742,7 +744,7 @@ class _Reader:
         """A zip checkpoint's ``('storage', type, key, location, numel)``."""
         if type(saved_id) is not tuple or len(saved_id) != 5:
             raise pickle.UnpicklingError(
-                f"{self.file}: unexpected persistent id {str(saved_id)[:80]!r} "
+                f"{self.file}: unexpected persistent id {_brief(saved_id)} "
                 "(expected ('storage', type, key, location, numel))"
             )
         typename, storage_type, key, location, numel = saved_id
@@ -764,7 +766,7 @@ class _Reader:
     def legacy_persistent_load(self, saved_id):
         """A legacy file's ``('storage', type, root_key, location, numel, view)``."""
         if type(saved_id) is not tuple or not saved_id:
-            raise pickle.UnpicklingError(f"{self.file}: unexpected persistent id {str(saved_id)[:80]!r}")
+            raise pickle.UnpicklingError(f"{self.file}: unexpected persistent id {_brief(saved_id)}")
         typename = _decode(saved_id[0])
         if typename == "module" and len(saved_id) > 1:
             return saved_id[1]
@@ -1116,7 +1118,7 @@ def load(
 
 def _zip_pickle(archive, file: str, mode: str) -> tuple[bytes, dict]:
     if not archive.has("data.pkl"):
-        if archive.has("constants.pkl"):
+        if _is_torchscript(archive):
             raise CheckpointError(
                 f"{file}: this is a TorchScript archive, not a torch.save checkpoint"
             )
@@ -1436,18 +1438,29 @@ def _structure_legacy(s: CheckpointStructure, mode: str, problems, encoding: str
             break
 
 
+#: How deep ``iter_leaves`` follows nested containers.
+MAX_NESTING = 1000
+
+
 def iter_leaves(obj, prefix: str = "") -> Iterator[tuple[str, Any]]:
     """``(dotted name, value)`` for every leaf of a loaded structure: dict keys and
     sequence indices joined with ``.``; tensors (arrays, :class:`TensorInfo`) are
     leaves, as is every non-container value. Containers reached twice are walked once."""
     seen: set[int] = set()
-    stack: list[tuple[str, Any]] = [(prefix, obj)]
+    stack: list[tuple[str, Any, int]] = [(prefix, obj, 0)]
     while stack:
-        name, value = stack.pop()
+        name, value, depth = stack.pop()
         if isinstance(value, (dict, list, tuple, Opaque)):
             if id(value) in seen:
                 continue
             seen.add(id(value))
+            if depth >= MAX_NESTING:
+                # Each level's name repeats the one above: deeper structures would
+                # cost time and memory quadratic in the depth (no checkpoint nests so).
+                raise CheckpointError(
+                    f"the checkpoint nests containers more than {MAX_NESTING} levels deep "
+                    f"(under {name[:80]!r}...); refusing to name its entries"
+                )
             children: list[tuple[str, Any]]
             if isinstance(value, dict):
                 children = [(_join(name, k), v) for k, v in value.items()]
@@ -1463,7 +1476,7 @@ def iter_leaves(obj, prefix: str = "") -> Iterator[tuple[str, Any]]:
                 children += [(_join(name, k), v) for k, v in value.entries]
             else:
                 children = [(_join(name, i), v) for i, v in enumerate(value)]
-            stack.extend(reversed(children))
+            stack.extend((n, v, depth + 1) for n, v in reversed(children))
         else:
             yield name, value
 

@@ -27,6 +27,12 @@ pub enum Error {
     #[error("record '{0}' is missing from the archive")]
     MissingRecord(String),
 
+    /// The archive reads differently in torch's zip reader (miniz) and in other zip
+    /// readers: two end records, zip64 and classic end records that disagree, duplicate
+    /// or case-colliding names, overlapping records, ... Refused rather than guessed.
+    #[error("ambiguous archive, refused: {0}")]
+    Ambiguous(String),
+
     /// A limit that protects against hostile input was exceeded.
     #[error("refused: {0}")]
     LimitExceeded(String),

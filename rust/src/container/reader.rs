@@ -2,6 +2,11 @@
 //! local headers, and record data — STORED zero-copy or through `pread`, DEFLATE
 //! decompressed. Every offset and size is checked against the source's length before
 //! it is used, so a malformed archive is an `Error`, never a panic or a wild read.
+//!
+//! The archive is read as torch's own reader (miniz 3.0.2) reads it — the last end
+//! record within its backward scan, so bytes appended after a checkpoint are fine;
+//! zip64 fields over classic ones; names matched case-insensitively — and archives
+//! that other zip readers would read differently are refused (`Error::Ambiguous`).
 
 use rustc_hash::FxHashMap;
 use std::fs::File;
@@ -100,7 +105,6 @@ pub const UNRESOLVED: u64 = u64::MAX;
 pub const MAX_ENTRIES: u64 = 1 << 26;
 /// Deflate's largest possible expansion (zlib's "1032:1" limit).
 const MAX_DEFLATE_RATIO: u64 = 1032;
-const MAX_EOCD_SEARCH: u64 = (END_OF_CENTRAL_DIRECTORY_SIZE + u16::MAX as usize) as u64;
 /// Local headers of neighbouring records are read together, in windows of up to this
 /// size, so many small records cost few reads. Small enough to stay in a core's L2
 /// cache: copying the record area through it is most of opening a file of many
@@ -188,6 +192,207 @@ fn apply_zip64_extra(
     Ok(())
 }
 
+/// Where the end records put the central directory (zip64 values where present).
+struct Directory {
+    entries: u64,
+    entries_here: u64,
+    size: u64,
+    offset: u64,
+    disk: u32,
+    cd_disk: u32,
+    /// Where the end records begin (the zip64 end record's offset in a zip64 archive):
+    /// the central directory must end exactly here.
+    end: u64,
+}
+
+/// Finds and reads the end records as torch's reader (miniz 3.0.2, through
+/// `PyTorchStreamReader`) does, refusing archives that other zip readers would read
+/// differently:
+///
+/// * miniz takes the *last* end-record signature, within its backward scan
+///   ([`miniz_scan_floor`]), that has 22 bytes after it; its comment length is not
+///   checked, so bytes appended to a checkpoint do not stop torch from loading it.
+///   A strict reader takes the record whose comment ends where the file ends (and
+///   Go-style readers the last whose comment fits in the file): when such a record
+///   is another one, the two read different archives.
+/// * miniz reads the zip64 end record where the locator points and then uses *all*
+///   its fields; readers that look right before the locator, or that consult zip64
+///   fields only where the classic field is 0xFFFF / 0xFFFFFFFF, read others when
+///   the records disagree.
+fn locate_directory(source: &dyn Source) -> Result<Directory> {
+    let len = source.len();
+    let floor = miniz_scan_floor(len);
+    // Also the whole stretch a strict reader searches (a comment spans < 64 KiB).
+    let strict_floor = len.saturating_sub(MINIZ_SCAN_LIMIT);
+    let lo = floor.min(strict_floor);
+    let tail = read_vec(source, lo, (len - lo) as usize, "end of archive")?;
+    let at = |p: u64| (p - lo) as usize;
+    let signature = END_OF_CENTRAL_DIRECTORY_SIGNATURE.to_le_bytes();
+    let is_end_record = |p: u64| tail[at(p)..at(p) + 4] == signature;
+    // Where an end record at `p` says its comment ends.
+    let comment_end = |p: u64| {
+        let c = u16::from_le_bytes([tail[at(p) + 20], tail[at(p) + 21]]);
+        p + (END_OF_CENTRAL_DIRECTORY_SIZE as u64) + c as u64
+    };
+    let last = len - END_OF_CENTRAL_DIRECTORY_SIZE as u64;
+    let eocd_pos = (floor..=last)
+        .rev()
+        .find(|&p| is_end_record(p))
+        .ok_or_else(|| {
+            malformed(format!(
+                "no end-of-central-directory record in the last {} bytes, where torch's reader looks: not a zip file, truncated, or followed by too many other bytes",
+                len - floor
+            ))
+        })?;
+    let ends = comment_end(eocd_pos);
+    if ends != len {
+        // Bytes follow the record's comment (or its comment runs past the end):
+        // torch still reads this record. Does another reader take another one?
+        let fits = ends <= len;
+        let other = (strict_floor..eocd_pos).rev().find(|&p| {
+            is_end_record(p) && {
+                let e = comment_end(p);
+                e == len || (!fits && e <= len)
+            }
+        });
+        if let Some(other) = other {
+            let why = if comment_end(other) == len {
+                "whose comment ends where the file ends"
+            } else {
+                "the last whose comment fits in the file"
+            };
+            return Err(Error::Ambiguous(format!(
+                "two end-of-central-directory records: torch's reader takes the last one (offset {eocd_pos}), other zip readers the one at offset {other}, {why}"
+            )));
+        }
+    }
+    let eocd = EndOfCentralDirectory::parse(&tail[at(eocd_pos)..])
+        .ok_or_else(|| malformed("unreadable end-of-central-directory record"))?;
+    let mut dir = Directory {
+        entries: eocd.entries as u64,
+        entries_here: eocd.entries_here as u64,
+        size: eocd.cd_size as u64,
+        offset: eocd.cd_offset as u64,
+        disk: eocd.disk as u32,
+        cd_disk: eocd.cd_disk as u32,
+        end: eocd_pos,
+    };
+
+    // The zip64 locator, right before the classic record, when there is one.
+    const LOC: u64 = ZIP64_END_OF_CENTRAL_DIRECTORY_LOCATOR_SIZE as u64;
+    const Z64: u64 = ZIP64_END_OF_CENTRAL_DIRECTORY_SIZE as u64;
+    let Some(loc_pos) = eocd_pos.checked_sub(LOC) else {
+        return Ok(dir);
+    };
+    let bytes_at = |pos: u64, n: u64, what: &str| -> Result<std::borrow::Cow<'_, [u8]>> {
+        if pos >= lo {
+            Ok(std::borrow::Cow::Borrowed(
+                &tail[at(pos)..at(pos) + n as usize],
+            ))
+        } else {
+            read_vec(source, pos, n as usize, what).map(std::borrow::Cow::Owned)
+        }
+    };
+    let Some(loc) = Zip64Locator::parse(&bytes_at(loc_pos, LOC, "zip64 locator")?) else {
+        return Ok(dir);
+    };
+    let Some(z_pos) = loc_pos.checked_sub(Z64) else {
+        return Err(malformed(format!(
+            "zip64 locator at offset {loc_pos} leaves no room for the zip64 end record before it"
+        )));
+    };
+    if loc.offset != z_pos {
+        if loc.offset > len.saturating_sub(Z64) {
+            return Err(malformed(format!(
+                "zip64 end record offset {} is out of bounds",
+                loc.offset
+            )));
+        }
+        return Err(Error::Ambiguous(format!(
+            "the zip64 locator points to offset {} for the zip64 end record, but it is not the record right before the locator (offset {z_pos}): torch's reader follows the pointer, readers that look right before the locator read another record",
+            loc.offset
+        )));
+    }
+    let z = Zip64EndOfCentralDirectory::parse(&bytes_at(z_pos, Z64, "zip64 end record")?)
+        .ok_or_else(|| malformed("zip64 end record has a bad signature"))?;
+    if loc.total_disks != 1 {
+        return Err(malformed(format!(
+            "the zip64 locator says the archive spans {} disks; torch reads single-file archives only",
+            loc.total_disks
+        )));
+    }
+    if z.record_size < Z64 - 12 {
+        return Err(malformed(format!(
+            "zip64 end record declares a size of {} bytes, less than its fixed fields",
+            z.record_size
+        )));
+    }
+    // Where the classic record holds a value (not the 0xFFFF / 0xFFFFFFFF that
+    // defers to zip64), both records must say the same.
+    let fields: [(&str, u64, u64, u64); 6] = [
+        (
+            "the number of records",
+            dir.entries,
+            U16_SENTINEL as u64,
+            z.entries,
+        ),
+        (
+            "the number of records on this disk",
+            dir.entries_here,
+            U16_SENTINEL as u64,
+            z.entries_here,
+        ),
+        (
+            "the central directory's size",
+            dir.size,
+            U32_SENTINEL as u64,
+            z.cd_size,
+        ),
+        (
+            "the central directory's offset",
+            dir.offset,
+            U32_SENTINEL as u64,
+            z.cd_offset,
+        ),
+        (
+            "the disk number",
+            dir.disk as u64,
+            U16_SENTINEL as u64,
+            z.disk as u64,
+        ),
+        (
+            "the central directory's disk",
+            dir.cd_disk as u64,
+            U16_SENTINEL as u64,
+            z.cd_disk as u64,
+        ),
+    ];
+    for (what, classic, sentinel, zip64) in fields {
+        if classic != sentinel && classic != zip64 {
+            return Err(Error::Ambiguous(format!(
+                "the zip64 and classic end records disagree on {what} (zip64: {zip64}, classic: {classic}): torch's reader uses the zip64 value, readers that consult zip64 only for 0xFFFF fields the classic one"
+            )));
+        }
+    }
+    // torch's reader refuses directories over 4 GiB.
+    if z.cd_size > u32::MAX as u64 {
+        return Err(Error::LimitExceeded(format!(
+            "a central directory of {} bytes (torch's reader reads at most 4 GiB)",
+            z.cd_size
+        )));
+    }
+    dir = Directory {
+        entries: z.entries,
+        entries_here: z.entries_here,
+        size: z.cd_size,
+        offset: z.cd_offset,
+        disk: z.disk,
+        cd_disk: z.cd_disk,
+        end: z_pos,
+    };
+    Ok(dir)
+}
+
 impl Archive {
     /// Parses the container's directory from `source`.
     pub fn open(source: Box<dyn Source>) -> Result<Archive> {
@@ -209,78 +414,17 @@ impl Archive {
                 "the file is {len} bytes, too short to be a zip archive"
             )));
         }
-        // 1. The end-of-central-directory record, searched backwards over any comment.
-        let search = MAX_EOCD_SEARCH.min(len);
-        let tail = read_vec(&*source, len - search, search as usize, "end of archive")?;
-        let eocd_pos_in_tail = (0..=tail.len() - END_OF_CENTRAL_DIRECTORY_SIZE)
-            .rev()
-            .find(|&i| {
-                tail[i..i + 4] == END_OF_CENTRAL_DIRECTORY_SIGNATURE.to_le_bytes()
-                    && EndOfCentralDirectory::parse(&tail[i..]).is_some_and(|e| {
-                        i + END_OF_CENTRAL_DIRECTORY_SIZE + e.comment_len as usize == tail.len()
-                    })
-            })
-            .ok_or_else(|| {
-                malformed("no end-of-central-directory record: not a zip file, or truncated")
-            })?;
-        let eocd_pos = len - search + eocd_pos_in_tail as u64;
-        let eocd = EndOfCentralDirectory::parse(&tail[eocd_pos_in_tail..])
-            .ok_or_else(|| malformed("unreadable end-of-central-directory record"))?;
-
-        let mut entries = eocd.entries as u64;
-        let mut cd_size = eocd.cd_size as u64;
-        let mut cd_offset = eocd.cd_offset as u64;
-        let mut cd_limit = eocd_pos;
-
-        // 2. The zip64 locator just before it, when present.
-        if eocd_pos >= ZIP64_END_OF_CENTRAL_DIRECTORY_LOCATOR_SIZE as u64 {
-            let loc_pos = eocd_pos - ZIP64_END_OF_CENTRAL_DIRECTORY_LOCATOR_SIZE as u64;
-            let loc = read_vec(
-                &*source,
-                loc_pos,
-                ZIP64_END_OF_CENTRAL_DIRECTORY_LOCATOR_SIZE,
-                "zip64 locator",
-            )?;
-            let mut r = Le::new(&loc);
-            if r.u32() == Some(ZIP64_END_OF_CENTRAL_DIRECTORY_LOCATOR_SIGNATURE) {
-                let _disk = r.u32();
-                let z_pos = r.u64().unwrap_or(u64::MAX);
-                if z_pos > loc_pos.saturating_sub(ZIP64_END_OF_CENTRAL_DIRECTORY_SIZE as u64) {
-                    return Err(malformed(format!(
-                        "zip64 end record offset {z_pos} is out of bounds"
-                    )));
-                }
-                let z = read_vec(
-                    &*source,
-                    z_pos,
-                    ZIP64_END_OF_CENTRAL_DIRECTORY_SIZE,
-                    "zip64 end record",
-                )?;
-                let mut r = Le::new(&z);
-                if r.u32() != Some(ZIP64_END_OF_CENTRAL_DIRECTORY_SIGNATURE) {
-                    return Err(malformed("zip64 end record has a bad signature"));
-                }
-                let _size = r.u64();
-                let _made = r.u16();
-                let _need = r.u16();
-                let _disk = r.u32();
-                let _cd_disk = r.u32();
-                let _here = r.u64();
-                let z_entries = r.u64().unwrap_or(0);
-                let z_cd_size = r.u64().unwrap_or(0);
-                let z_cd_offset = r.u64().unwrap_or(0);
-                if eocd.entries == U16_SENTINEL || z_entries > entries {
-                    entries = z_entries;
-                }
-                if eocd.cd_size == U32_SENTINEL || z_cd_size > cd_size {
-                    cd_size = z_cd_size;
-                }
-                if eocd.cd_offset == U32_SENTINEL || z_cd_offset > cd_offset {
-                    cd_offset = z_cd_offset;
-                }
-                cd_limit = z_pos;
-            }
-        }
+        // 1-2. The end records, found and read as torch's reader reads them, refusing
+        //      what other zip readers would read differently.
+        let Directory {
+            entries,
+            entries_here,
+            size: cd_size,
+            offset: cd_offset,
+            disk,
+            cd_disk,
+            end: cd_limit,
+        } = locate_directory(&*source)?;
 
         // 3. The central directory must lie before the end records, and be able to
         //    hold the declared number of entries — checked before allocating for them.
@@ -292,7 +436,6 @@ impl Archive {
                     "central directory (offset {cd_offset}, {cd_size} bytes) lies outside the file; the file is truncated or corrupted"
                 ))
             })?;
-        let _ = cd_end;
         if entries > MAX_ENTRIES || entries * CENTRAL_DIRECTORY_HEADER_SIZE as u64 > cd_size {
             return Err(Error::LimitExceeded(format!(
                 "the archive declares {entries} entries, more than its {cd_size}-byte central directory can hold"
@@ -300,6 +443,21 @@ impl Archive {
         }
         if entries == 0 {
             return Err(malformed("the archive has no records"));
+        }
+        // What torch's reader refuses: archives split over several disks.
+        if entries_here != entries || ((disk | cd_disk) != 0 && (disk, cd_disk) != (1, 1)) {
+            return Err(malformed(format!(
+                "the end record describes a multi-disk archive ({entries_here} of {entries} records on disk {disk}, directory on disk {cd_disk}), which torch cannot read"
+            )));
+        }
+        // Readers that allow for data prepended to an archive (Python's zipfile,
+        // Info-ZIP) shift every offset by the bytes between the directory's declared
+        // end and the end records; torch's reader does not.
+        if cd_end != cd_limit {
+            return Err(Error::Ambiguous(format!(
+                "{} bytes lie between the central directory (ending at offset {cd_end}) and the end records (at offset {cd_limit}): readers that allow for data prepended to an archive shift every offset by that much, torch's reader does not",
+                cd_limit - cd_end
+            )));
         }
         let cd = read_vec(&*source, cd_offset, cd_size as usize, "central directory")?;
 
@@ -324,7 +482,23 @@ impl Archive {
                 ))
             })?;
             pos += var_len;
-            let name = String::from_utf8_lossy(&var[..h.name_len as usize]).into_owned();
+            // Names are compared as bytes by torch's reader: a lossy conversion could
+            // make two names one, or match a name that torch would not.
+            let name = String::from_utf8(var[..h.name_len as usize].to_vec()).map_err(|e| {
+                Error::bad_record(
+                    String::from_utf8_lossy(e.as_bytes()),
+                    "record name is not valid UTF-8",
+                )
+            })?;
+            if h.disk_start == U16_SENTINEL || (h.disk_start as u32 != disk && h.disk_start != 1) {
+                return Err(Error::bad_record(
+                    &name,
+                    format!(
+                        "record starts on disk {}, another disk of a multi-disk archive",
+                        h.disk_start
+                    ),
+                ));
+            }
             let extra = &var[h.name_len as usize..h.name_len as usize + h.extra_len as usize];
             let mut size = h.uncompressed_size as u64;
             let mut csize = h.compressed_size as u64;
@@ -374,6 +548,15 @@ impl Archive {
                 data_offset: 0,
             });
         }
+        // Readers that read the directory to its declared end (Python's zipfile)
+        // would find records here that torch's reader, which reads the declared
+        // number of entries, does not.
+        if pos as u64 != cd_size {
+            return Err(Error::Ambiguous(format!(
+                "the central directory holds {} bytes after its {entries} declared entries: readers that read the whole directory see records torch's reader does not",
+                cd_size - pos as u64
+            )));
+        }
 
         // 4. Names, relative to the archive's single top folder.
         let prefix = match records[0].name.split_once('/') {
@@ -385,26 +568,42 @@ impl Archive {
                 )))
             }
         };
-        let name_index = |records: &[Record]| {
-            let mut by_name =
+        // torch's reader looks names up case-insensitively (ASCII), so the index is
+        // keyed by lower-cased names: two records that fold to one name are refused
+        // (torch may read either), and a lookup finds what torch's finds. Every
+        // record must lie inside the top folder, as torch.load requires.
+        let name_index = |records: &[Record]| -> Result<(FxHashMap<String, usize>, Vec<u32>)> {
+            let mut by_name: FxHashMap<String, usize> =
                 FxHashMap::with_capacity_and_hasher(records.len(), Default::default());
             let mut by_number = vec![0u32; number_bound(records.len())];
             let plen = prefix.len() + 1;
             for (i, r) in records.iter().enumerate() {
-                if r.name.len() > plen
+                let inside = r.name.len() >= plen
                     && r.name.as_bytes()[prefix.len()] == b'/'
-                    && r.name.starts_with(&prefix)
-                {
-                    let name = &r.name[plen..];
-                    let number = name.strip_prefix("data/").and_then(storage_number);
-                    // A duplicate name: the later record wins, as in by_name.
-                    if let Some(slot) = number.and_then(|n| by_number.get_mut(n)) {
-                        *slot = u32::try_from(i + 1).unwrap_or(0);
+                    && r.name.starts_with(&prefix);
+                if !inside {
+                    return Err(Error::bad_record(
+                        &r.name,
+                        format!(
+                            "record is not inside the archive's top folder '{prefix}/' (torch refuses such archives)"
+                        ),
+                    ));
+                }
+                let key = fold_case(&r.name[plen..]).into_owned();
+                let number = key.strip_prefix("data/").and_then(storage_number);
+                if let Some(slot) = number.and_then(|n| by_number.get_mut(n)) {
+                    *slot = u32::try_from(i + 1).unwrap_or(0);
+                }
+                match by_name.entry(key) {
+                    std::collections::hash_map::Entry::Occupied(first) => {
+                        return Err(same_name(&records[*first.get()], r));
                     }
-                    by_name.insert(name.to_string(), i);
+                    std::collections::hash_map::Entry::Vacant(slot) => {
+                        slot.insert(i);
+                    }
                 }
             }
-            (by_name, by_number)
+            Ok((by_name, by_number))
         };
 
         // 5. Local headers: data starts after the header's own name and extra field.
@@ -433,16 +632,19 @@ impl Archive {
                 (offsets, index.join())
             });
             match offsets {
-                (offsets, Ok(by_name)) => {
+                (offsets, Ok(index)) => {
+                    // A name clash is reported first: it says more than a bad header.
+                    let index = index?;
                     apply_data_offsets(&mut records, offsets?);
-                    by_name
+                    index
                 }
                 (_, Err(panic)) => std::panic::resume_unwind(panic),
             }
         } else {
+            let index = name_index(&records)?;
             let offsets = data_offsets(&*source, &records, now, cd_offset, threads)?;
             apply_data_offsets(&mut records, offsets);
-            name_index(&records)
+            index
         };
         if deferred {
             for r in records.iter_mut().filter(|r| defer(r)) {
@@ -467,6 +669,16 @@ impl Archive {
                 r.data_offset = UNRESOLVED;
             }
         }
+        // 6. No record's bytes may overlap another's. (Records not resolved yet are
+        //    checked with the least they span now, and exactly once resolved.)
+        check_disjoint(&records, |i| {
+            let r = &records[i];
+            if r.data_offset == UNRESOLVED {
+                r.header_offset + (LOCAL_FILE_HEADER_SIZE + r.name.len()) as u64 + r.compressed_size
+            } else {
+                r.data_offset + r.compressed_size
+            }
+        })?;
         Ok(Archive {
             source,
             records,
@@ -493,6 +705,14 @@ impl Archive {
         for (i, offset) in offsets {
             late[i] = offset;
         }
+        check_disjoint(&self.records, |i| {
+            let r = &self.records[i];
+            let offset = match r.data_offset {
+                UNRESOLVED => late[i],
+                offset => offset,
+            };
+            offset + r.compressed_size
+        })?;
         let _ = self.late.set(late);
         Ok(())
     }
@@ -532,13 +752,15 @@ impl Archive {
     }
 
     /// Looks a record up by its name inside the top folder (`data.pkl`, `data/3`).
+    ///
+    /// Names match as in torch's reader: ASCII letters in either case.
     pub fn get(&self, name: &str) -> Option<&Record> {
-        self.by_name.get(name).map(|&i| &self.records[i])
+        self.index_of(name).map(|i| &self.records[i])
     }
 
     /// The index in `records()` of the record named `name` inside the top folder.
     pub fn index_of(&self, name: &str) -> Option<usize> {
-        self.by_name.get(name).copied()
+        self.by_name.get(fold_case(name).as_ref()).copied()
     }
 
     /// The index of record `data/KEY` when KEY is a number (torch's storage keys):
@@ -561,7 +783,7 @@ impl Archive {
             .iter()
             // `get`, not slicing: another record's name may have a multi-byte
             // character across the prefix length.
-            .filter_map(|r| r.name.get(plen..).filter(|n| self.get(n).is_some()))
+            .filter_map(|r| r.name.get(plen..))
             .collect()
     }
 
@@ -923,6 +1145,71 @@ fn check_crc(rec: &Record, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// `name` with ASCII letters lower-cased, as torch's reader (miniz's `MZ_TOLOWER`)
+/// compares names; borrowed when it has no upper-case letter (torch's own names).
+fn fold_case(name: &str) -> std::borrow::Cow<'_, str> {
+    if name.bytes().any(|c| c.is_ascii_uppercase()) {
+        std::borrow::Cow::Owned(name.to_ascii_lowercase())
+    } else {
+        std::borrow::Cow::Borrowed(name)
+    }
+}
+
+/// The refusal of two records whose names torch's reader cannot tell apart.
+fn same_name(first: &Record, second: &Record) -> Error {
+    if first.name == second.name {
+        Error::Ambiguous(format!(
+            "two records are named '{}': torch's reader may read either one",
+            first.name
+        ))
+    } else {
+        Error::Ambiguous(format!(
+            "records '{}' and '{}' have names that differ only in case: torch's reader matches names case-insensitively and may read either one",
+            first.name, second.name
+        ))
+    }
+}
+
+/// Refuses records whose bytes (local header through data) overlap another's: each
+/// reader then reads shared bytes as parts of different records. `end` is where a
+/// record's bytes end, by index. torch writes records in directory order, so for its
+/// files this is one pass over the records, without sorting.
+fn check_disjoint(records: &[Record], end: impl Fn(usize) -> u64) -> Result<()> {
+    let check = |a: usize, b: usize| -> Result<()> {
+        let (ra, rb) = (&records[a], &records[b]);
+        let a_end = end(a);
+        if rb.header_offset < a_end {
+            return Err(Error::Ambiguous(format!(
+                "records '{}' (offsets {}..{a_end}) and '{}' (from offset {}) overlap",
+                ra.name, ra.header_offset, rb.name, rb.header_offset
+            )));
+        }
+        Ok(())
+    };
+    // One pass while the records lie in file order (an overlap between neighbours
+    // in directory order is an overlap in any order); a sort only if they do not.
+    let mut sorted = true;
+    for b in 1..records.len() {
+        if records[b - 1].header_offset >= records[b].header_offset {
+            sorted = false;
+            break;
+        }
+        check(b - 1, b)?;
+    }
+    if sorted {
+        return Ok(());
+    }
+    let mut order: Vec<(u64, u32)> = records
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (r.header_offset, i as u32))
+        .collect();
+    order.sort_unstable();
+    order
+        .windows(2)
+        .try_for_each(|w| check(w[0].1 as usize, w[1].1 as usize))
+}
+
 /// Archives with at least this many records resolve their local headers on several
 /// threads, and index their names meanwhile.
 const PARALLEL_OPEN_MIN: usize = 4096;
@@ -1018,11 +1305,14 @@ fn resolve_run(
         let h = rec.header_offset;
         let fixed_end = h.checked_add(LOCAL_FILE_HEADER_SIZE as u64);
         if fixed_end.is_none_or(|e| e > cd_offset) {
+            let place = if h >= source.len() {
+                "outside the file"
+            } else {
+                "outside the record area (it must precede the central directory)"
+            };
             return Err(Error::bad_record(
                 &rec.name,
-                format!(
-                    "local header offset {h} lies outside the record area; the file is corrupted"
-                ),
+                format!("local header offset {h} lies {place}; the file is corrupted"),
             ));
         }
         // The bytes start..start+n of a local header: from memory, or from a window

@@ -87,6 +87,8 @@ pub struct CentralHeader {
     pub name_len: u16,
     pub extra_len: u16,
     pub comment_len: u16,
+    /// The disk the record starts on (0 in a single-file archive).
+    pub disk_start: u16,
     pub local_header_offset: u32,
 }
 
@@ -109,7 +111,7 @@ impl CentralHeader {
         let name_len = r.u16()?;
         let extra_len = r.u16()?;
         let comment_len = r.u16()?;
-        let _disk = r.u16()?;
+        let disk_start = r.u16()?;
         let _internal = r.u16()?;
         let _external = r.u32()?;
         let local_header_offset = r.u32()?;
@@ -122,6 +124,7 @@ impl CentralHeader {
             name_len,
             extra_len,
             comment_len,
+            disk_start,
             local_header_offset,
         })
     }
@@ -130,6 +133,11 @@ impl CentralHeader {
 /// The end-of-central-directory record (the classic, 32-bit one).
 #[derive(Debug, Clone)]
 pub struct EndOfCentralDirectory {
+    /// This disk's number, and the number of the disk the central directory starts on.
+    pub disk: u16,
+    pub cd_disk: u16,
+    /// Records on this disk, and in all.
+    pub entries_here: u16,
     pub entries: u16,
     pub cd_size: u32,
     pub cd_offset: u32,
@@ -142,20 +150,103 @@ impl EndOfCentralDirectory {
         if r.u32()? != END_OF_CENTRAL_DIRECTORY_SIGNATURE {
             return None;
         }
-        let _disk = r.u16()?;
-        let _cd_disk = r.u16()?;
-        let _entries_here = r.u16()?;
+        let disk = r.u16()?;
+        let cd_disk = r.u16()?;
+        let entries_here = r.u16()?;
         let entries = r.u16()?;
         let cd_size = r.u32()?;
         let cd_offset = r.u32()?;
         let comment_len = r.u16()?;
         Some(EndOfCentralDirectory {
+            disk,
+            cd_disk,
+            entries_here,
             entries,
             cd_size,
             cd_offset,
             comment_len,
         })
     }
+}
+
+/// The zip64 end-of-central-directory record (its fixed 56 bytes; APPNOTE 4.3.14).
+#[derive(Debug, Clone)]
+pub struct Zip64EndOfCentralDirectory {
+    /// The size of the rest of the record (44 without an extensible data sector).
+    pub record_size: u64,
+    pub disk: u32,
+    pub cd_disk: u32,
+    pub entries_here: u64,
+    pub entries: u64,
+    pub cd_size: u64,
+    pub cd_offset: u64,
+}
+
+impl Zip64EndOfCentralDirectory {
+    pub fn parse(bytes: &[u8]) -> Option<Self> {
+        let mut r = Le::new(bytes);
+        if r.u32()? != ZIP64_END_OF_CENTRAL_DIRECTORY_SIGNATURE {
+            return None;
+        }
+        let record_size = r.u64()?;
+        let _made_by = r.u16()?;
+        let _needed = r.u16()?;
+        Some(Zip64EndOfCentralDirectory {
+            record_size,
+            disk: r.u32()?,
+            cd_disk: r.u32()?,
+            entries_here: r.u64()?,
+            entries: r.u64()?,
+            cd_size: r.u64()?,
+            cd_offset: r.u64()?,
+        })
+    }
+}
+
+/// The zip64 end-of-central-directory locator (APPNOTE 4.3.15), right before the
+/// classic end record.
+#[derive(Debug, Clone)]
+pub struct Zip64Locator {
+    /// Offset of the zip64 end record.
+    pub offset: u64,
+    pub total_disks: u32,
+}
+
+impl Zip64Locator {
+    pub fn parse(bytes: &[u8]) -> Option<Self> {
+        let mut r = Le::new(bytes);
+        if r.u32()? != ZIP64_END_OF_CENTRAL_DIRECTORY_LOCATOR_SIGNATURE {
+            return None;
+        }
+        let _disk = r.u32()?;
+        Some(Zip64Locator {
+            offset: r.u64()?,
+            total_disks: r.u32()?,
+        })
+    }
+}
+
+/// How torch's zip reader (miniz 3.0.2's `mz_zip_reader_locate_header_sig`) finds the
+/// end record: it reads the file backwards in chunks of this many bytes, each chunk
+/// starting 3 bytes less than this before the previous one, and takes the *last*
+/// end-record signature followed by at least 22 bytes, whatever its comment length.
+pub const MINIZ_SCAN_CHUNK: u64 = 4096;
+/// miniz gives up after the chunk that starts this far (or farther) from the end.
+pub const MINIZ_SCAN_LIMIT: u64 = u16::MAX as u64 + END_OF_CENTRAL_DIRECTORY_SIZE as u64;
+
+/// The lowest offset torch's reader examines for the end record in a file of `len`
+/// bytes: the start of its last chunk. It stops after the chunk that starts
+/// `MINIZ_SCAN_LIMIT` or more bytes from the end, after the chunk at offset 0, and
+/// also when the next chunk would start before offset 0 (miniz's unsigned offset
+/// arithmetic wraps around there and the read fails), so in files of 4 to 70 KiB
+/// it searches less far than the 64 KiB a comment can span.
+pub fn miniz_scan_floor(len: u64) -> u64 {
+    let step = MINIZ_SCAN_CHUNK - 3;
+    let mut cur = len.saturating_sub(MINIZ_SCAN_CHUNK);
+    while cur != 0 && len - cur < MINIZ_SCAN_LIMIT && cur >= step {
+        cur -= step;
+    }
+    cur
 }
 
 /// Appends a little-endian u16/u32/u64 to a byte vector.

@@ -216,7 +216,7 @@ def _display_global(full: str, protocol: int | None) -> str:
     if protocol is not None and protocol >= 3:
         return full
     module, _, name = full.rpartition(".")
-    from .serialization import _py2_name
+    from ._torch_io import _py2_name
 
     module, name = _py2_name(module, name)
     return f"{module}.{name}"

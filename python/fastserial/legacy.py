@@ -21,9 +21,10 @@ from typing import Any
 
 from . import _fastserial as _native
 from . import location as _location
-from .serialization import (
+from ._torch_io import (
     _MALFORMED_PICKLE_ERRORS,
     CheckpointError,
+    _brief,
     _is_path,
     _Opened,
     _path_target,
@@ -116,7 +117,7 @@ class _LegacyLoader(_ZipLoader):
     def legacy_persistent_load(self, saved_id):
         info = self.info
         if not isinstance(saved_id, tuple) or not saved_id:
-            raise _unpickling_error(f"{self.file}: unexpected persistent id {saved_id!r}")
+            raise _unpickling_error(f"{self.file}: unexpected persistent id {_brief(saved_id)}")
         typename = _decode(saved_id[0])
         if typename == "module":
             return saved_id[1]
@@ -157,7 +158,17 @@ class _LegacyLoader(_ZipLoader):
                 typed = info.TypedStorage(device=untyped.device, dtype=dtype, _internal=True)
         if view_metadata is None:
             return typed
+        if type(view_metadata) is not tuple or len(view_metadata) != 3:
+            raise CheckpointError(
+                f"{self.file}: storage {root_key!r} has view metadata {_brief(view_metadata)}, "
+                "expected (key, offset, size)"
+            )
         view_key, offset, view_size = view_metadata
+        if type(offset) is not int or type(view_size) is not int:
+            raise CheckpointError(
+                f"{self.file}: storage view {_brief(view_key)} has offset {_brief(offset)} and "
+                f"size {_brief(view_size)}, expected integers"
+            )
         if view_key not in self.storages:
             start = offset * itemsize
             end = start + view_size * itemsize
@@ -196,13 +207,23 @@ class _LegacyLoader(_ZipLoader):
         keys = self.unpickle(f)
         if not isinstance(keys, list):
             raise CheckpointError(f"{self.file}: the storage key list is missing or malformed")
+        filled = set()
         for key in keys:
-            if key not in self.to_fill:
-                raise CheckpointError(f"{self.file}: storage {key!r} is listed but never used")
+            if not isinstance(key, (str, int)) or key not in self.to_fill:
+                raise CheckpointError(
+                    f"{self.file}: storage {_brief(key)} is listed but never used"
+                )
             cpu, restored, dtype = self.to_fill[key]
             self._fill(f, key, cpu, self.info.itemsize.get(dtype, 1))
+            filled.add(key)
             if restored is not cpu:
                 restored.copy_(cpu)
+        missing = [key for key in self.to_fill if key not in filled]
+        if missing:
+            raise CheckpointError(
+                f"{self.file}: storage {_brief(missing[0])} is used by the pickle but its data "
+                "is not in the file (missing from the storage key list)"
+            )
         _validate_sparse_tensors(self.info.torch, self.weights_only, self.file)
         return result
 

@@ -203,7 +203,9 @@ def _import_impl_module(module_name: str):
         top = module_name.split(".")[0]
         extra = []
         for cand in (REPO_ROOT, os.path.join(REPO_ROOT, "python"), os.path.join(REPO_ROOT, "src")):
-            if os.path.isdir(os.path.join(cand, top)) or os.path.isfile(os.path.join(cand, top + ".py")):
+            if os.path.isdir(os.path.join(cand, top)) or os.path.isfile(
+                os.path.join(cand, top + ".py")
+            ):
                 extra.append(cand)
         if not extra:
             raise first
@@ -239,7 +241,9 @@ class FastserialImpl(Impl):
             if callable(setter) and module_name != "torch":
                 setter(threads)
             elif module_name != "torch":
-                log(f"warning: {module_name}.set_num_threads() does not exist; --threads ignored for it")
+                log(
+                    f"warning: {module_name}.set_num_threads() does not exist; --threads ignored for it"
+                )
         # Like for like with torch.save (which never syncs): fastserial's save without
         # its fsync; the atomic rename still happens. The durable default is timed as
         # its own row (save_durable).
@@ -438,7 +442,9 @@ def verify(ref, got) -> str:
         if not isinstance(w, torch.Tensor):
             return f"MISMATCH: {k!r} is {type(w).__name__}"
         if w.dtype != v.dtype or w.shape != v.shape:
-            return f"MISMATCH: {k!r} is {w.dtype}{tuple(w.shape)}, expected {v.dtype}{tuple(v.shape)}"
+            return (
+                f"MISMATCH: {k!r} is {w.dtype}{tuple(w.shape)}, expected {v.dtype}{tuple(v.shape)}"
+            )
         if not torch.equal(v, w):
             return f"MISMATCH: {k!r} values differ"
     return "ok"
@@ -699,7 +705,7 @@ def run_child(script: str, spec: dict, timeout=900) -> dict:
         return {"error": f"child timed out after {timeout}s"}
     for line in reversed(p.stdout.splitlines()):
         if line.startswith(CHILD_TAG):
-            return json.loads(line[len(CHILD_TAG):])
+            return json.loads(line[len(CHILD_TAG) :])
     tail = (p.stderr or "").strip().splitlines()[-5:]
     return {"error": f"child exited {p.returncode} without a result: " + " | ".join(tail)}
 
@@ -753,7 +759,9 @@ def system_meta(impls, extra=None) -> dict:
         "torch": torch.__version__,
         "torch_num_threads": torch.get_num_threads(),
         "torch_num_threads_default": os.cpu_count(),
-        "libs": {i.name: {"version": i.version, "api": i.describe, **i.extra_meta()} for i in impls},
+        "libs": {
+            i.name: {"version": i.version, "api": i.describe, **i.extra_meta()} for i in impls
+        },
     }
     try:
         import safetensors
@@ -763,7 +771,13 @@ def system_meta(impls, extra=None) -> dict:
         meta["safetensors"] = None
     fs = next((i for i in impls if i.name == "fastserial"), None)
     meta["fastserial"] = (
-        None if fs is None else (fs.version if not fs.extra_meta()["stand_in"] else f"stand-in: {fs.module_name} {fs.version}")
+        None
+        if fs is None
+        else (
+            fs.version
+            if not fs.extra_meta()["stand_in"]
+            else f"stand-in: {fs.module_name} {fs.version}"
+        )
     )
     if extra:
         meta.update(extra)
@@ -795,10 +809,12 @@ def render_table(headers, rows, markdown=False) -> str:
             out.append("| " + " | ".join(c.replace("|", "\\|") for c in r) + " |")
         return "\n".join(out)
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+
     def line(r):
         return "  ".join(
             (c.ljust(widths[i]) if i == 0 else c.rjust(widths[i])) for i, c in enumerate(r)
         )
+
     out = [line(cells[0]), "  ".join("-" * w for w in widths)]
     out += [line(r) for r in cells[1:]]
     return "\n".join(out)

@@ -82,9 +82,15 @@ def parse_args(argv=None):
         description="Benchmark torch.save/torch.load vs safetensors vs fastserial.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--workloads", default=",".join(WORKLOADS), help="comma list of: " + ", ".join(WORKLOADS))
+    p.add_argument(
+        "--workloads", default=",".join(WORKLOADS), help="comma list of: " + ", ".join(WORKLOADS)
+    )
     p.add_argument("--ops", default=",".join(OPS), help="comma list of: " + ", ".join(OPS))
-    p.add_argument("--only", default=None, help="comma list of libraries (default: all of " + ", ".join(ALL_LIBS) + ")")
+    p.add_argument(
+        "--only",
+        default=None,
+        help="comma list of libraries (default: all of " + ", ".join(ALL_LIBS) + ")",
+    )
     p.add_argument("--repeats", type=int, default=3, help="timings are the min of this many runs")
     p.add_argument("--quick", action="store_true", help="small sizes, for smoke testing")
     p.add_argument(
@@ -92,12 +98,36 @@ def parse_args(argv=None):
         default="fastserial",
         help="module providing save()/load() for the 'fastserial' column (e.g. 'torch' as a stand-in)",
     )
-    p.add_argument("--threads", type=int, default=None, help="call fastserial.set_num_threads(N) if it exists")
-    p.add_argument("--torch-threads", type=int, default=1, help="torch.set_num_threads() for the benchmark process (0: leave torch's default)")
-    p.add_argument("--no-sync", dest="sync", action="store_false", help="do not os.sync() (untimed) before each timed save")
-    p.add_argument("--no-mallopt", dest="mallopt", action="store_false", help="keep glibc's dynamic mmap threshold (see README)")
-    p.add_argument("--tmpdir", default=None, help="directory for checkpoint files (must be a real disk)")
-    p.add_argument("--no-verify", dest="verify", action="store_false", help="skip checking loaded tensors against the originals")
+    p.add_argument(
+        "--threads", type=int, default=None, help="call fastserial.set_num_threads(N) if it exists"
+    )
+    p.add_argument(
+        "--torch-threads",
+        type=int,
+        default=1,
+        help="torch.set_num_threads() for the benchmark process (0: leave torch's default)",
+    )
+    p.add_argument(
+        "--no-sync",
+        dest="sync",
+        action="store_false",
+        help="do not os.sync() (untimed) before each timed save",
+    )
+    p.add_argument(
+        "--no-mallopt",
+        dest="mallopt",
+        action="store_false",
+        help="keep glibc's dynamic mmap threshold (see README)",
+    )
+    p.add_argument(
+        "--tmpdir", default=None, help="directory for checkpoint files (must be a real disk)"
+    )
+    p.add_argument(
+        "--no-verify",
+        dest="verify",
+        action="store_false",
+        help="skip checking loaded tensors against the originals",
+    )
     p.add_argument("--json", default=None, metavar="PATH", help="dump all numbers as JSON")
     p.add_argument(
         "--markdown",
@@ -226,12 +256,20 @@ def run_workload(name, impls, args, tmpdir):
         for _rep in range(R):
             rm(raw_path)
             wr.append(timed_write(raw_write, obj, raw_path))
-        res["baselines"]["raw_write"] = {"best": min(wr), "runs": wr, "what": "open(path,'wb') + f.write(memoryview) per tensor"}
+        res["baselines"]["raw_write"] = {
+            "best": min(wr),
+            "runs": wr,
+            "what": "open(path,'wb') + f.write(memoryview) per tensor",
+        }
         log(f"  raw write: {fmt_time(min(wr))}")
         shapes_dtypes = [(t.shape, t.dtype) for t in iter_tensors(obj)]
         warm_file(raw_path)
         rd = [timed(raw_read_into, shapes_dtypes, raw_path) for _ in range(R)]
-        res["baselines"]["raw_read"] = {"best": min(rd), "runs": rd, "what": "torch.empty + f.readinto(memoryview) per tensor"}
+        res["baselines"]["raw_read"] = {
+            "best": min(rd),
+            "runs": rd,
+            "what": "torch.empty + f.readinto(memoryview) per tensor",
+        }
         log(f"  raw read:  {fmt_time(min(rd))}")
         rm(raw_path)
 
@@ -299,7 +337,9 @@ def run_workload(name, impls, args, tmpdir):
                     res["verify"].setdefault("load_other", {})[a] = verify(obj, r)
                     del r
                 except Exception as e:
-                    res["verify"].setdefault("load_other", {})[a] = f"ERROR: {type(e).__name__}: {e}"
+                    res["verify"].setdefault("load_other", {})[a] = (
+                        f"ERROR: {type(e).__name__}: {e}"
+                    )
                 release_freed_memory()
 
     # ---- peak memory, each in a fresh process ----
@@ -411,14 +451,22 @@ def workload_notes(res, libs):
     if "raw_write" in b:
         w = b["raw_write"]["best"]
         s = f"raw write baseline (f.write(memoryview) per tensor): {fmt_time(w)} ({gib / w:.2f} GiB/s)"
-        parts = [f"{l} {fmt_ratio(_best(res, 'save', l)[0], w)}" for l in libs if _best(res, "save", l)[0]]
+        parts = [
+            f"{l} {fmt_ratio(_best(res, 'save', l)[0], w)}"
+            for l in libs
+            if _best(res, "save", l)[0]
+        ]
         if parts:
             s += "; save / raw write: " + ", ".join(parts) + " (fastserial target <= 1.20x)"
         notes.append(s)
     if "raw_read" in b:
         r = b["raw_read"]["best"]
         s = f"raw read baseline (torch.empty + f.readinto per tensor): {fmt_time(r)} ({gib / r:.2f} GiB/s)"
-        parts = [f"{l} {fmt_ratio(_best(res, 'load', l)[0], r)}" for l in libs if _best(res, "load", l)[0]]
+        parts = [
+            f"{l} {fmt_ratio(_best(res, 'load', l)[0], r)}"
+            for l in libs
+            if _best(res, "load", l)[0]
+        ]
         if parts:
             s += "; eager load / raw read: " + ", ".join(parts)
         notes.append(s)
@@ -460,9 +508,21 @@ def workload_notes(res, libs):
             if v != "ok":
                 bad.append(f"{lib} {op}: {v}")
     if res["verify"]:
-        notes.append("verify: " + ("all loaded tensors equal the originals" if not bad else "; ".join(bad)))
-    errs = [f"{lib} {op}: {d['error']}" for op, dd in res["times"].items() for lib, d in dd.items() if "error" in d]
-    errs += [f"{lib} memory {op}: {d['error']}" for op, dd in res["memory"].items() for lib, d in dd.items() if "error" in d]
+        notes.append(
+            "verify: " + ("all loaded tensors equal the originals" if not bad else "; ".join(bad))
+        )
+    errs = [
+        f"{lib} {op}: {d['error']}"
+        for op, dd in res["times"].items()
+        for lib, d in dd.items()
+        if "error" in d
+    ]
+    errs += [
+        f"{lib} memory {op}: {d['error']}"
+        for op, dd in res["memory"].items()
+        for lib, d in dd.items()
+        if "error" in d
+    ]
     if errs:
         notes.append("errors: " + "; ".join(errs))
     return notes
@@ -494,13 +554,23 @@ def render_report(results, meta, libs, args, markdown):
     ]
     fsm = meta["libs"].get("fastserial", {})
     if fsm.get("stand_in"):
-        legend.insert(0, f"NOTE: the 'fastserial' column is the stand-in module {fsm['impl_module']!r}, not fastserial")
+        legend.insert(
+            0,
+            f"NOTE: the 'fastserial' column is the stand-in module {fsm['impl_module']!r}, not fastserial",
+        )
     pc = meta.get("process", {})
     legend.append(
         f"process: torch intra-op threads = {pc.get('torch_threads')}; glibc mmap threshold "
-        + (f"fixed at {pc['mallopt_mmap_threshold'] // 1024} KiB + malloc_trim between runs (every large allocation gets fresh pages)"
-           if pc.get("mallopt_mmap_threshold") else "glibc default (dynamic)")
-        + ("; os.sync() (untimed) before every timed save / raw write" if pc.get("sync_before_saves") else "")
+        + (
+            f"fixed at {pc['mallopt_mmap_threshold'] // 1024} KiB + malloc_trim between runs (every large allocation gets fresh pages)"
+            if pc.get("mallopt_mmap_threshold")
+            else "glibc default (dynamic)"
+        )
+        + (
+            "; os.sync() (untimed) before every timed save / raw write"
+            if pc.get("sync_before_saves")
+            else ""
+        )
     )
     if fsm.get("num_threads") is not None:
         legend.append(f"fastserial threads: {fsm['num_threads']}")
@@ -547,14 +617,25 @@ def main(argv=None):
     proc_cfg, impls, libs = start_run(args)
     fsimpl = next((i for i in impls if i.name == "fastserial"), None)
     if fsimpl is not None and fsimpl.module_name != "fastserial":
-        log(f"NOTE: the 'fastserial' column is backed by the stand-in module {fsimpl.module_name!r}")
+        log(
+            f"NOTE: the 'fastserial' column is backed by the stand-in module {fsimpl.module_name!r}"
+        )
 
     biggest = max(
         sum(prod(s) for _, s in workload_shapes(w, args.quick)) * 4 for w in args.workload_list
     )
     tmpdir = tempfile.mkdtemp(prefix="fastserial-bench-", dir=args.tmpdir)
     tmpinfo = check_tmpdir(tmpdir, biggest * (len(impls) + 2))
-    meta = system_meta(impls, {"tmpdir": tmpinfo, "repeats": args.repeats, "quick": args.quick, "ops": args.op_list, "process": proc_cfg})
+    meta = system_meta(
+        impls,
+        {
+            "tmpdir": tmpinfo,
+            "repeats": args.repeats,
+            "quick": args.quick,
+            "ops": args.op_list,
+            "process": proc_cfg,
+        },
+    )
     log("\n".join(meta_lines(meta)))
     log(f"checkpoint files in {tmpdir} ({tmpinfo['fstype']})")
 
@@ -569,7 +650,11 @@ def main(argv=None):
     emit_report(render_report, results, meta, libs, args, log_written=log)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"meta": meta, "args": {k: v for k, v in vars(args).items()}, "workloads": results}, f, indent=2)
+            json.dump(
+                {"meta": meta, "args": {k: v for k, v in vars(args).items()}, "workloads": results},
+                f,
+                indent=2,
+            )
         log(f"json written to {args.json}")
     log(f"total time {meta['total_elapsed_s']:.1f} s")
     return 0

@@ -35,7 +35,10 @@ def workload(name: str):
     if name == "big":
         return {f"w{i}": torch.randn(4096, 4096, generator=g) for i in range(16)}
     if name == "gpt2":
-        sd = {"wte": torch.randn(50257, 768, generator=g), "wpe": torch.randn(1024, 768, generator=g)}
+        sd = {
+            "wte": torch.randn(50257, 768, generator=g),
+            "wpe": torch.randn(1024, 768, generator=g),
+        }
         for i in range(12):
             p = f"h.{i}."
             sd[p + "ln_1.weight"] = torch.randn(768, generator=g)
@@ -108,7 +111,9 @@ def correctness(tmp: str) -> bool:
                 ours[k].device == ref[k].device and torch.equal(ours[k].cpu(), ref[k].cpu())
                 for k in ref
             )
-            good &= check(f"map_location={label}, mmap={mmap}: same devices and values as torch", same)
+            good &= check(
+                f"map_location={label}, mmap={mmap}: same devices and values as torch", same
+            )
     missing = torch.cuda.device_count()
     tagged = os.path.join(tmp, "tagged.pt")
     fastserial.save({"x": torch.ones(2)}, tagged)
@@ -181,7 +186,9 @@ def timings(tmp: str, repeats: int) -> list:
         ref = {k: v for k, v in sd.items()}
         del sd
         gc.collect()
-        print(f"\n{name}: {len(ref)} tensors, {nbytes / 2**20:.0f} MiB (file written by torch.save)")
+        print(
+            f"\n{name}: {len(ref)} tensors, {nbytes / 2**20:.0f} MiB (file written by torch.save)"
+        )
         for mmap in (False, True):
             times = {}
             for lib, fn in (("torch", torch.load), ("fastserial", fastserial.load)):
@@ -201,14 +208,27 @@ def timings(tmp: str, repeats: int) -> list:
             mem = {}
             for lib in ("torch", "fastserial"):
                 out = subprocess.run(
-                    [sys.executable, __file__, "--child", json.dumps({"lib": lib, "path": tpath, "mmap": mmap})],
-                    capture_output=True, text=True, check=True,
+                    [
+                        sys.executable,
+                        __file__,
+                        "--child",
+                        json.dumps({"lib": lib, "path": tpath, "mmap": mmap}),
+                    ],
+                    capture_output=True,
+                    text=True,
+                    check=True,
                 )
                 mem[lib] = json.loads(out.stdout.strip().splitlines()[-1])["cpu_peak_delta_mib"]
             row = {
-                "workload": name, "mmap": mmap, "torch_s": times["torch"], "fastserial_s": times["fastserial"],
-                "ratio": times["torch"] / times["fastserial"], "torch_cpu_peak_mib": mem["torch"],
-                "fastserial_cpu_peak_mib": mem["fastserial"], "values_equal": ok, "data_mib": nbytes / 2**20,
+                "workload": name,
+                "mmap": mmap,
+                "torch_s": times["torch"],
+                "fastserial_s": times["fastserial"],
+                "ratio": times["torch"] / times["fastserial"],
+                "torch_cpu_peak_mib": mem["torch"],
+                "fastserial_cpu_peak_mib": mem["fastserial"],
+                "values_equal": ok,
+                "data_mib": nbytes / 2**20,
             }
             rows.append(row)
             print(
@@ -222,7 +242,9 @@ def timings(tmp: str, repeats: int) -> list:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--child")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json")
@@ -241,7 +263,11 @@ def main() -> int:
         rows = timings(tmp, args.repeats)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(0), "rows": rows, "correct": good}, f, indent=1)
+            json.dump(
+                {"device": torch.cuda.get_device_name(0), "rows": rows, "correct": good},
+                f,
+                indent=1,
+            )
     return 0 if good and all(r["values_equal"] for r in rows) else 1
 
 

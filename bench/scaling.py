@@ -50,7 +50,12 @@ from _common import (
 )
 
 OPS = ("save", "load", "mmap", "mmap_touch")
-OP_LABEL = {"save": "save", "load": "eager load", "mmap": "mmap load", "mmap_touch": "mmap load + touch"}
+OP_LABEL = {
+    "save": "save",
+    "load": "eager load",
+    "mmap": "mmap load",
+    "mmap_touch": "mmap load + touch",
+}
 
 
 def parse_args(argv=None):
@@ -58,26 +63,61 @@ def parse_args(argv=None):
         description="Scaling of save/load time with tensor count and total size (torch vs fastserial).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--counts", default="1000,10000,100000", help="numbers of 256-float32 tensors (1 KiB each)")
-    p.add_argument("--sizes", default="64M,256M,1G,4G", help="total sizes for the few-big-tensors cases")
+    p.add_argument(
+        "--counts", default="1000,10000,100000", help="numbers of 256-float32 tensors (1 KiB each)"
+    )
+    p.add_argument(
+        "--sizes", default="64M,256M,1G,4G", help="total sizes for the few-big-tensors cases"
+    )
     p.add_argument(
         "--max-size",
         default="1G",
         help="skip size cases above this (4G needs ~8 GiB free disk and ~12 GiB RAM incl. page cache)",
     )
-    p.add_argument("--big-tensors", type=int, default=8, help="number of tensors the size cases are split into")
+    p.add_argument(
+        "--big-tensors", type=int, default=8, help="number of tensors the size cases are split into"
+    )
     p.add_argument("--ops", default="save,load,mmap", help="comma list of: " + ", ".join(OPS))
-    p.add_argument("--only", default=None, help="comma list of libraries (default: torch,fastserial)")
+    p.add_argument(
+        "--only", default=None, help="comma list of libraries (default: torch,fastserial)"
+    )
     p.add_argument("--repeats", type=int, default=3, help="timings are the min of this many runs")
     p.add_argument("--quick", action="store_true", help="counts 1000,10000 and sizes 16M,64M")
-    p.add_argument("--impl-module", default="fastserial", help="module for the 'fastserial' column ('torch' = stand-in)")
-    p.add_argument("--threads", type=int, default=None, help="call fastserial.set_num_threads(N) if it exists")
-    p.add_argument("--torch-threads", type=int, default=1, help="torch.set_num_threads() (0: torch default)")
-    p.add_argument("--no-sync", dest="sync", action="store_false", help="do not os.sync() (untimed) before each timed save")
-    p.add_argument("--no-mallopt", dest="mallopt", action="store_false", help="keep glibc's dynamic mmap threshold")
-    p.add_argument("--tmpdir", default=None, help="directory for checkpoint files (must be a real disk)")
+    p.add_argument(
+        "--impl-module",
+        default="fastserial",
+        help="module for the 'fastserial' column ('torch' = stand-in)",
+    )
+    p.add_argument(
+        "--threads", type=int, default=None, help="call fastserial.set_num_threads(N) if it exists"
+    )
+    p.add_argument(
+        "--torch-threads", type=int, default=1, help="torch.set_num_threads() (0: torch default)"
+    )
+    p.add_argument(
+        "--no-sync",
+        dest="sync",
+        action="store_false",
+        help="do not os.sync() (untimed) before each timed save",
+    )
+    p.add_argument(
+        "--no-mallopt",
+        dest="mallopt",
+        action="store_false",
+        help="keep glibc's dynamic mmap threshold",
+    )
+    p.add_argument(
+        "--tmpdir", default=None, help="directory for checkpoint files (must be a real disk)"
+    )
     p.add_argument("--json", default=None, metavar="PATH", help="dump all numbers as JSON")
-    p.add_argument("--markdown", nargs="?", const="-", default=None, metavar="PATH", help="Markdown output (stdout or PATH)")
+    p.add_argument(
+        "--markdown",
+        nargs="?",
+        const="-",
+        default=None,
+        metavar="PATH",
+        help="Markdown output (stdout or PATH)",
+    )
     a = p.parse_args(argv)
     if a.quick:
         a.counts, a.sizes, a.max_size = "1000,10000", "16M,64M", "64M"
@@ -137,7 +177,14 @@ def run_case(case, impls, args, tmpdir):
     t_case = time.perf_counter()
     obj = build_from_shapes(case["shapes"])
     nbytes, ntensors = data_bytes(obj), len(case["shapes"])
-    res = {"label": case["label"], "kind": case["kind"], "n_tensors": ntensors, "data_bytes": nbytes, "times": {}, "errors": {}}
+    res = {
+        "label": case["label"],
+        "kind": case["kind"],
+        "n_tensors": ntensors,
+        "data_bytes": nbytes,
+        "times": {},
+        "errors": {},
+    }
     log(f"\n[{case['label']}] {ntensors} tensors, {fmt_size(nbytes)}")
     free = shutil.disk_usage(tmpdir).free
     if free < nbytes * len(impls) * 1.05 + 256 * MiB:
@@ -246,12 +293,22 @@ def render(results, meta, libs, args, markdown):
         "torch/fastserial = torch time / fastserial time (> 1: fastserial faster)",
         "mmap load does not read the tensor data, so its GiB/s is nominal (bytes made available per second)",
         f"process: torch intra-op threads = {meta['process']['torch_threads']}, glibc mmap threshold "
-        + ("fixed at 128 KiB + malloc_trim between runs" if meta["process"]["mallopt_mmap_threshold"] else "default")
-        + ("; os.sync() (untimed) before every timed save" if meta["process"].get("sync_before_saves") else ""),
+        + (
+            "fixed at 128 KiB + malloc_trim between runs"
+            if meta["process"]["mallopt_mmap_threshold"]
+            else "default"
+        )
+        + (
+            "; os.sync() (untimed) before every timed save"
+            if meta["process"].get("sync_before_saves")
+            else ""
+        ),
     ]
     fsm = meta["libs"].get("fastserial", {})
     if fsm.get("stand_in"):
-        legend.insert(0, f"NOTE: the 'fastserial' column is the stand-in module {fsm['impl_module']!r}")
+        legend.insert(
+            0, f"NOTE: the 'fastserial' column is the stand-in module {fsm['impl_module']!r}"
+        )
     grouped = {}
     for r in results:
         for op, d in r.get("errors", {}).items():

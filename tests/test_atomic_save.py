@@ -166,7 +166,9 @@ def test_sigkill_at_any_moment_keeps_the_old_or_the_new_checkpoint(tmp_path, big
 
     # Kills at points the test can see, not only at guessed times: once the temporary
     # file holds 10%, 50% and 90% of the checkpoint (robust under any machine load).
-    expected = sum(t.numel() * t.element_size() for t in big_new.values() if isinstance(t, torch.Tensor))
+    expected = sum(
+        t.numel() * t.element_size() for t in big_new.values() if isinstance(t, torch.Tensor)
+    )
 
     def temp_holds(fraction: float):
         def reached() -> bool:

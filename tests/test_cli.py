@@ -76,7 +76,12 @@ def test_inspect_json_matches_manifest(name):
     for key, exp in expected.items():
         t = got[key]
         assert (t["dtype"], t["shape"], t["stride"], t["storage_offset"], t["storage_nbytes"]) == (
-            exp["dtype"], exp["shape"], exp["stride"], exp["storage_offset"], exp["storage_nbytes"])
+            exp["dtype"],
+            exp["shape"],
+            exp["stride"],
+            exp["storage_offset"],
+            exp["storage_nbytes"],
+        )
         storage_of.setdefault(exp["storage"], set()).add(t["storage"])
     assert all(len(keys) == 1 for keys in storage_of.values())  # same storage, same key
     assert len({next(iter(k)) for k in storage_of.values()}) == len(storage_of)
@@ -84,7 +89,8 @@ def test_inspect_json_matches_manifest(name):
     assert report["format"] == ("zip" if zip_file else "legacy")
     assert report["byteorder"] == ("big" if name == "big_endian.pt" else "little")
     assert report["weights_only"] is fixture_entries()[name].get("weights_only", True) or name in (
-        "py2_strings.pt")
+        "py2_strings.pt"
+    )
     assert report["total"]["tensors"] == len(expected)
     by_dtype = collections.Counter(e["dtype"] for e in expected.values())
     assert {d: v["tensors"] for d, v in report["totals"].items()} == dict(by_dtype)
@@ -131,7 +137,7 @@ def test_inspect_reads_metadata_only(tmp_path):
     for record in archive.names():
         if record.startswith("data/"):
             offset, size, _, _ = archive.info(record)
-            data[offset:offset + size] = b"\x5a" * size
+            data[offset : offset + size] = b"\x5a" * size
     path = tmp_path / "views.pt"
     path.write_bytes(bytes(data))
     code, out, _ = cli("inspect", path, "--json")
@@ -143,13 +149,18 @@ def test_inspect_reads_metadata_only(tmp_path):
 def test_inspect_safetensors(tmp_path):
     from safetensors.numpy import save_file
 
-    save_file({"w": np.zeros((2, 3), np.float32), "b": np.zeros(3, np.int64)}, tmp_path / "m.safetensors",
-              metadata={"format": "np"})
+    save_file(
+        {"w": np.zeros((2, 3), np.float32), "b": np.zeros(3, np.int64)},
+        tmp_path / "m.safetensors",
+        metadata={"format": "np"},
+    )
     code, out, _ = cli("inspect", tmp_path / "m.safetensors", "--json")
     report = json.loads(out)
     assert code == 0 and report["format"] == "safetensors"
     assert {t["name"]: (t["dtype"], t["shape"]) for t in report["tensors"]} == {
-        "w": ("float32", [2, 3]), "b": ("int64", [3])}
+        "w": ("float32", [2, 3]),
+        "b": ("int64", [3]),
+    }
 
 
 # --------------------------------------------------------------------------- verify
@@ -262,13 +273,17 @@ def test_convert_every_dtype_safetensors_supports(tmp_path):
     loaded = torch.load(back, weights_only=True)
     assert set(loaded) == set(reference) - {"complex128"}
     for key, t in loaded.items():
-        assert t.dtype == reference[key].dtype and tensor_bytes(t) == tensor_bytes(reference[key]), key
+        assert t.dtype == reference[key].dtype and tensor_bytes(t) == tensor_bytes(
+            reference[key]
+        ), key
 
 
 def test_convert_shared_tensors(tmp_path):
     src, st = tmp_path / "tied.pt", tmp_path / "tied.safetensors"
     emb = torch.randn(5, 3)
-    torch.save({"embed.weight": emb, "lm_head.weight": emb, "row": emb[1], "other": torch.ones(2)}, src)
+    torch.save(
+        {"embed.weight": emb, "lm_head.weight": emb, "row": emb[1], "other": torch.ones(2)}, src
+    )
     code, _, err = cli("convert", src, st)
     assert code == 0
     assert "'lm_head.weight' is the same tensor as 'embed.weight'" in err and "kept one copy" in err
@@ -315,7 +330,10 @@ def test_convert_shows_progress_on_a_terminal(tmp_path):
     err = Tty()
     src = tmp_path / "big.pt"
     fsnp.save({"w": np.zeros(1 << 16, ml_dtypes.bfloat16)}, src)
-    assert main(["convert", str(src), str(tmp_path / "b.safetensors")], out=io.StringIO(), err=err) == 0
+    assert (
+        main(["convert", str(src), str(tmp_path / "b.safetensors")], out=io.StringIO(), err=err)
+        == 0
+    )
     assert "reading big.pt" in err.getvalue() and "100.0%" in err.getvalue()
     assert "writing b.safetensors" in err.getvalue()
 
@@ -325,7 +343,9 @@ def test_progress_bar():
     with Progress(2048, "work", stream) as bar:
         bar.update(1024)
     text = stream.getvalue()
-    assert "work [" in text and "100.0%" in text and "2.0 KiB/2.0 KiB" in text and text.endswith("\n")
+    assert (
+        "work [" in text and "100.0%" in text and "2.0 KiB/2.0 KiB" in text and text.endswith("\n")
+    )
     quiet = io.StringIO()
     with Progress(10, "work", quiet) as bar:
         bar.update(10)
@@ -356,11 +376,23 @@ def test_python_dash_m_and_without_torch(tmp_path):
     proc = run_python(hide, "verify", fixture_path("dtypes.pt"))
     assert proc.returncode == 0 and proc.stdout.startswith("OK")
 
-    proc = subprocess.run([sys.executable, "-m", "fastserial", "verify", str(fixture_path("edge.pt"))],
-                          capture_output=True, text=True, env=subprocess_env(), timeout=120, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fastserial", "verify", str(fixture_path("edge.pt"))],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=120,
+        check=False,
+    )
     assert proc.returncode == 0 and proc.stdout.startswith("OK")
-    proc = subprocess.run([sys.executable, "-m", "fastserial"], capture_output=True, text=True,
-                          env=subprocess_env(), timeout=120, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fastserial"],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=120,
+        check=False,
+    )
     assert proc.returncode == 2 and "COMMAND" in proc.stderr
 
 
@@ -371,8 +403,14 @@ def test_console_script():
     script = shutil.which("fastserial")
     if script is None:
         pytest.skip("the fastserial console script is not installed")
-    proc = subprocess.run([script, "--version"], capture_output=True, text=True, env=subprocess_env(),
-                          timeout=120, check=False)
+    proc = subprocess.run(
+        [script, "--version"],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=120,
+        check=False,
+    )
     if proc.returncode != 0:
         pytest.skip(f"the installed console script does not run here: {proc.stderr[-200:]}")
     assert proc.stdout.startswith("fastserial ")

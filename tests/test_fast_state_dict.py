@@ -47,33 +47,48 @@ def _describe(obj):
         ptrs.setdefault(ptr, len(ptrs))
         same_as = next(j for j, (_, u) in enumerate(items) if u is t)
         out.append(
-            (k, t.dtype, tuple(t.shape), t.stride(), t.storage_offset(), t.requires_grad,
-             t.untyped_storage().nbytes(), ptrs[ptr], same_as, t.cpu().contiguous().view(-1).view(torch.uint8).tolist() if t.numel() else [])
+            (
+                k,
+                t.dtype,
+                tuple(t.shape),
+                t.stride(),
+                t.storage_offset(),
+                t.requires_grad,
+                t.untyped_storage().nbytes(),
+                ptrs[ptr],
+                same_as,
+                t.cpu().contiguous().view(-1).view(torch.uint8).tolist() if t.numel() else [],
+            )
         )
     return out
 
 
 def _state_dicts():
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3), torch.nn.Linear(3, 2))
+    model = torch.nn.Sequential(
+        torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3), torch.nn.Linear(3, 2)
+    )
     sd = model.state_dict()
     yield "module state_dict with _metadata", sd
     base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
     tied = OrderedDict(a=base, view=base[1:, ::2], t=base.t(), again=base)
     yield "views, transposes and the same object twice", tied
-    yield "plain dict, many dtypes", {
-        "f16": torch.ones(3, dtype=torch.float16),
-        "bf16": torch.ones(3, dtype=torch.bfloat16),
-        "u16": torch.arange(4, dtype=torch.int32).to(torch.uint16),
-        "u64": torch.arange(4, dtype=torch.int64).to(torch.uint64),
-        "f8": torch.zeros(2, dtype=torch.float8_e4m3fn),
-        "c64": torch.ones(2, dtype=torch.complex64),
-        "bool": torch.tensor([True, False]),
-        "scalar": torch.tensor(3.5),
-        "empty": torch.empty(0, 3),
-        "grad": torch.ones(2, requires_grad=True),
-        "big_offset": torch.arange(70_000)[65_600:],
-    }
+    yield (
+        "plain dict, many dtypes",
+        {
+            "f16": torch.ones(3, dtype=torch.float16),
+            "bf16": torch.ones(3, dtype=torch.bfloat16),
+            "u16": torch.arange(4, dtype=torch.int32).to(torch.uint16),
+            "u64": torch.arange(4, dtype=torch.int64).to(torch.uint64),
+            "f8": torch.zeros(2, dtype=torch.float8_e4m3fn),
+            "c64": torch.ones(2, dtype=torch.complex64),
+            "bool": torch.tensor([True, False]),
+            "scalar": torch.tensor(3.5),
+            "empty": torch.empty(0, 3),
+            "grad": torch.ones(2, requires_grad=True),
+            "big_offset": torch.arange(70_000)[65_600:],
+        },
+    )
     yield "more than one SETITEMS batch", {f"k{i}": torch.full((2,), float(i)) for i in range(2500)}
 
 

@@ -25,8 +25,17 @@ HIDE_TORCH = textwrap.dedent(
     """
 )
 
-MAPPINGS = ["state_dict.pt", "dtypes.pt", "views.pt", "parameters.pt", "edge.pt", "big_endian.pt",
-            "no_byteorder.pt", "legacy.pt", "nested.pt"]
+MAPPINGS = [
+    "state_dict.pt",
+    "dtypes.pt",
+    "views.pt",
+    "parameters.pt",
+    "edge.pt",
+    "big_endian.pt",
+    "no_byteorder.pt",
+    "legacy.pt",
+    "nested.pt",
+]
 
 
 def flat_tensors(obj, prefix=""):
@@ -53,8 +62,11 @@ def test_torch_framework_matches_torch_load(name):
         assert len(ckpt) == len(reference) and all(k in ckpt for k in reference)
         for key, ref in reference.items():
             meta = ckpt.metadata(key)
-            assert (meta.dtype, meta.shape, meta.nbytes) == (ref.dtype, tuple(ref.shape),
-                                                              ref.numel() * ref.element_size())
+            assert (meta.dtype, meta.shape, meta.nbytes) == (
+                ref.dtype,
+                tuple(ref.shape),
+                ref.numel() * ref.element_size(),
+            )
             assert meta.stride == ref.stride() and meta.storage_offset == ref.storage_offset()
             t = ckpt.get_tensor(key)
             assert type(t) is torch.Tensor and t.dtype == ref.dtype
@@ -87,7 +99,7 @@ def test_metadata_reads_no_tensor_data(tmp_path):
     for record in archive.names():
         if record.startswith("data/"):
             offset, size, _crc, _ = archive.info(record)
-            data[offset:offset + size] = b"\xa5" * size
+            data[offset : offset + size] = b"\xa5" * size
     path.write_bytes(bytes(data))
     with fastserial.open(path, framework="numpy") as ckpt:
         meta = ckpt.metadata("0.weight")
@@ -117,8 +129,14 @@ def test_tensors_read_separately_never_share_memory():
 def test_nested_mappings_are_flattened(tmp_path):
     path = tmp_path / "nested.pt"
     w = np.arange(6, dtype=np.float32).reshape(2, 3)
-    fsnp.save({"model": collections.OrderedDict(w=w, b=np.ones(2)), "step": 7,
-               "optimizer": {"state": {0: {"exp_avg": np.zeros(3)}}}}, path)
+    fsnp.save(
+        {
+            "model": collections.OrderedDict(w=w, b=np.ones(2)),
+            "step": 7,
+            "optimizer": {"state": {0: {"exp_avg": np.zeros(3)}}},
+        },
+        path,
+    )
     with fastserial.open(path, framework="numpy") as ckpt:
         assert ckpt.keys() == ["model.w", "model.b", "optimizer.state.0.exp_avg"]
         assert ckpt.get_tensor("model.w").tolist() == w.tolist()

@@ -37,11 +37,48 @@ def test_stub_classes_have_the_runtime_methods():
         stub_methods = _public(
             n.name for n in node.body if isinstance(n, ast.FunctionDef) and n.name != "__buffer__"
         )
-        runtime = _public(
-            name for name, _ in inspect.getmembers(cls) if not name.startswith("__")
-        )
+        runtime = _public(name for name, _ in inspect.getmembers(cls) if not name.startswith("__"))
         assert stub_methods - {"__init__"} == runtime, node.name
 
 
 def test_checkpoint_error_is_a_runtime_error():
     assert issubclass(native.CheckpointError, RuntimeError)
+
+
+def _stub_params(fn: ast.FunctionDef) -> list[str]:
+    a = fn.args
+    names = [p.arg for p in a.posonlyargs + a.args + a.kwonlyargs]
+    return [n for n in names if n not in ("self", "cls")]
+
+
+def _runtime_params(obj) -> list[str] | None:
+    text = getattr(obj, "__text_signature__", None)
+    if not text:
+        return None
+    sig = inspect.signature(obj)
+    return [n for n in sig.parameters if n not in ("self", "cls", "$self", "$cls")]
+
+
+def test_stub_signatures_match_the_runtime():
+    """Every native function and method the stub declares takes the parameters the
+    compiled module says it takes (PyO3's ``__text_signature__``), in order."""
+    checked = 0
+    for node in _stub_tree().body:
+        if isinstance(node, ast.FunctionDef):
+            pairs = [(node, getattr(native, node.name))]
+        elif isinstance(node, ast.ClassDef) and node.name != "CheckpointError":
+            cls = getattr(native, node.name)
+            pairs = [
+                (n, cls if n.name == "__init__" else getattr(cls, n.name))
+                for n in node.body
+                if isinstance(n, ast.FunctionDef) and n.name != "__buffer__"
+            ]
+        else:
+            continue
+        for fn, obj in pairs:
+            runtime = _runtime_params(obj)
+            if runtime is None:
+                continue
+            assert _stub_params(fn) == runtime, f"{node.name}.{fn.name}"
+            checked += 1
+    assert checked >= 20, checked

@@ -113,7 +113,9 @@ def check_description(desc, expect, where="obj", storages=None):
     """``desc`` (from DESCRIBE) against the manifest's ``expect`` tree."""
     if not isinstance(expect, dict):
         if isinstance(expect, float) and math.isnan(expect):
-            assert isinstance(desc, float) and math.isnan(desc), f"{where}: expected nan, got {desc!r}"
+            assert isinstance(desc, float) and math.isnan(desc), (
+                f"{where}: expected nan, got {desc!r}"
+            )
             return
         assert type(desc) is type(expect) and desc == expect, f"{where}: {desc!r} != {expect!r}"
         if isinstance(expect, float):
@@ -129,7 +131,9 @@ def check_description(desc, expect, where="obj", storages=None):
             assert type(gk) is type(k), f"{where}: key {gk!r} type"
             check_description(got, sub, f"{where}[{k!r}]", storages)
         if "_metadata" in expect:
-            check_description(desc.get("_metadata"), expect["_metadata"], f"{where}._metadata", storages)
+            check_description(
+                desc.get("_metadata"), expect["_metadata"], f"{where}._metadata", storages
+            )
         else:
             assert "_metadata" not in desc, f"{where}: unexpected _metadata"
     elif kind in ("list", "tuple"):
@@ -146,7 +150,9 @@ def check_description(desc, expect, where="obj", storages=None):
     elif kind in ("tensor", "parameter"):
         assert desc["kind"] == "array", f"{where}: expected an array, got {desc!r}"
         itemsize = desc["itemsize"]
-        assert desc["dtype"] == expect["dtype"], f"{where}: dtype {desc['dtype']} != {expect['dtype']}"
+        assert desc["dtype"] == expect["dtype"], (
+            f"{where}: dtype {desc['dtype']} != {expect['dtype']}"
+        )
         assert desc["shape"] == expect["shape"], f"{where}: shape"
         assert desc["native"], f"{where}: not in native byte order"
         if 0 not in expect["shape"]:
@@ -170,7 +176,9 @@ def check_sharing(storages):
         assert len(ptrs) == 1, f"storage #{index} came back as {len(ptrs)} different buffers"
         ptr, nbytes = next(iter(ptrs))
         if nbytes:
-            assert owners.setdefault(ptr, index) == index, f"storages {owners[ptr]} and {index} merged"
+            assert owners.setdefault(ptr, index) == index, (
+                f"storages {owners[ptr]} and {index} merged"
+            )
 
 
 @pytest.fixture(scope="module")
@@ -331,7 +339,9 @@ def test_python2_strings_follow_encoding(encoding):
 
 def test_verify_detects_corrupted_storage(tmp_path):
     data = bytearray(fixture_path("views.pt").read_bytes())
-    offset = fastserial._fastserial.Archive.open_path(str(fixture_path("views.pt"))).info("data/2")[0]
+    offset = fastserial._fastserial.Archive.open_path(str(fixture_path("views.pt"))).info("data/2")[
+        0
+    ]
     data[offset + 5] ^= 0xFF
     bad = tmp_path / "bad.pt"
     bad.write_bytes(bytes(data))
@@ -387,8 +397,15 @@ def _checkpoint_with_pickle(path, data_pkl: bytes):
 
 @pytest.mark.parametrize(
     "target",
-    [b"ctorch\nfloat32\n", b"ctorch\ndevice\n", b"ctorch\nSize\n", b"ccollections\nCounter\n",
-     b"ctorch\nFloatStorage\n", b"c_codecs\nencode\n", b"ctorch\nstrided\n"],
+    [
+        b"ctorch\nfloat32\n",
+        b"ctorch\ndevice\n",
+        b"ctorch\nSize\n",
+        b"ccollections\nCounter\n",
+        b"ctorch\nFloatStorage\n",
+        b"c_codecs\nencode\n",
+        b"ctorch\nstrided\n",
+    ],
 )
 @pytest.mark.parametrize("attribute", [b"itemsize", b"__eq__", b"__call__", b"__init__"])
 def test_build_cannot_modify_shared_stand_ins(tmp_path, target, attribute):
@@ -409,8 +426,10 @@ def test_build_cannot_modify_shared_stand_ins(tmp_path, target, attribute):
 def test_legacy_pickles_are_scanned_before_unpickling(capfd):
     # BYTEARRAY8 declaring 8 GiB: Python's unpickler would allocate it first (and CPython
     # then reports a bytearray freed with exported buffers). The native scan refuses it.
-    header = b"".join(pickle.dumps(v, protocol=2) for v in (
-        fsnp.MAGIC_NUMBER, fsnp.PROTOCOL_VERSION, {"protocol_version": 1001}))
+    header = b"".join(
+        pickle.dumps(v, protocol=2)
+        for v in (fsnp.MAGIC_NUMBER, fsnp.PROTOCOL_VERSION, {"protocol_version": 1001})
+    )
     stream = header + b"\x80\x05\x96" + (1 << 33).to_bytes(8, "little") + b"abc."
     with pytest.raises(fastserial.CheckpointError, match="declares 8589934592 bytes"):
         fsnp.load(io.BytesIO(stream))
@@ -484,12 +503,21 @@ def build_arrays() -> dict:
     dtypes = {
         name: (rng.standard_normal(5) * 4).astype(dt)
         for name, dt in [
-            ("float16", np.float16), ("float32", np.float32), ("float64", np.float64),
-            ("bfloat16", ml_dtypes.bfloat16), ("float8_e4m3fn", ml_dtypes.float8_e4m3fn),
-            ("float8_e5m2", ml_dtypes.float8_e5m2), ("float8_e4m3fnuz", ml_dtypes.float8_e4m3fnuz),
-            ("float8_e5m2fnuz", ml_dtypes.float8_e5m2fnuz), ("int8", np.int8),
-            ("int16", np.int16), ("int32", np.int32), ("int64", np.int64),
-            ("uint8", np.uint8), ("uint16", np.uint16), ("uint32", np.uint32),
+            ("float16", np.float16),
+            ("float32", np.float32),
+            ("float64", np.float64),
+            ("bfloat16", ml_dtypes.bfloat16),
+            ("float8_e4m3fn", ml_dtypes.float8_e4m3fn),
+            ("float8_e5m2", ml_dtypes.float8_e5m2),
+            ("float8_e4m3fnuz", ml_dtypes.float8_e4m3fnuz),
+            ("float8_e5m2fnuz", ml_dtypes.float8_e5m2fnuz),
+            ("int8", np.int8),
+            ("int16", np.int16),
+            ("int32", np.int32),
+            ("int64", np.int64),
+            ("uint8", np.uint8),
+            ("uint16", np.uint16),
+            ("uint32", np.uint32),
             ("uint64", np.uint64),
         ]
     }
@@ -499,22 +527,38 @@ def build_arrays() -> dict:
     return {
         "dtypes": dtypes,
         "views": {
-            "base": base, "T": base.T, "row": base[2], "col": base[:, 1], "step": base[::2, 1::3],
-            "big": big, "evens": big[::2], "tail": big[7:],
+            "base": base,
+            "T": base.T,
+            "row": base[2],
+            "col": base[:, 1],
+            "step": base[::2, 1::3],
+            "big": big,
+            "evens": big[::2],
+            "tail": big[7:],
         },
         "layouts": {
-            "reversed": base[::-1], "fortran": np.asfortranarray(base),
+            "reversed": base[::-1],
+            "fortran": np.asfortranarray(base),
             "broadcast": np.broadcast_to(np.arange(3.0), (4, 3)),
-            "empty": np.zeros((0, 3), np.float32), "zero_d": np.array(5, np.int16),
+            "empty": np.zeros((0, 3), np.float32),
+            "zero_d": np.array(5, np.int16),
         },
         "big_endian": {
-            "f4": np.arange(6, dtype=">f4").reshape(2, 3), "i8": np.arange(-3, 3, dtype=">i8"),
-            "c16": (np.arange(3) + 0.5j).astype(">c16"), "view": np.arange(8, dtype=">i4")[1::3],
+            "f4": np.arange(6, dtype=">f4").reshape(2, 3),
+            "i8": np.arange(-3, 3, dtype=">i8"),
+            "c16": (np.arange(3) + 0.5j).astype(">c16"),
+            "view": np.arange(8, dtype=">i4")[1::3],
         },
         "scalars": {"np_float": np.float32(1.5), "np_int": np.int64(-3)},
         "meta": collections.OrderedDict(
-            step=3, lr=0.1, name="run", blob=b"\x00\x01", nothing=None, flags=(True, False),
-            dtype=fsnp.DTYPES["bfloat16"], device=fsnp.TorchDevice("cuda:1"),
+            step=3,
+            lr=0.1,
+            name="run",
+            blob=b"\x00\x01",
+            nothing=None,
+            flags=(True, False),
+            dtype=fsnp.DTYPES["bfloat16"],
+            device=fsnp.TorchDevice("cuda:1"),
         ),
     }
 
@@ -561,8 +605,14 @@ def test_torch_load_reads_numpy_save(saved_without_torch):
     meta = got["meta"]
     assert type(meta) is collections.OrderedDict
     assert meta["dtype"] is torch.bfloat16 and meta["device"] == torch.device("cuda", 1)
-    assert (meta["step"], meta["lr"], meta["name"], meta["blob"], meta["nothing"], meta["flags"]) == (
-        3, 0.1, "run", b"\x00\x01", None, (True, False))
+    assert (
+        meta["step"],
+        meta["lr"],
+        meta["name"],
+        meta["blob"],
+        meta["nothing"],
+        meta["flags"],
+    ) == (3, 0.1, "run", b"\x00\x01", None, (True, False))
     assert got["scalars"]["np_float"].shape == () and got["scalars"]["np_float"].item() == 1.5
     assert got["scalars"]["np_int"].dtype == torch.int64 and got["scalars"]["np_int"].item() == -3
 
@@ -581,8 +631,10 @@ def test_views_of_one_base_share_one_storage(saved_without_torch):
 
 def test_views_are_written_once(tmp_path):
     base = np.arange(24, dtype=np.float32).reshape(4, 6)
-    fsnp.save({"base": base, "T": base.T, "row": base[2], "col": base[:, 1], "copy": base.copy()},
-              tmp_path / "v.pt")
+    fsnp.save(
+        {"base": base, "T": base.T, "row": base[2], "col": base[:, 1], "copy": base.copy()},
+        tmp_path / "v.pt",
+    )
     records = [n for n in zipfile.ZipFile(tmp_path / "v.pt").namelist() if n.startswith("v/data/")]
     assert records == ["v/data/0", "v/data/1"]
 
@@ -632,15 +684,26 @@ def test_different_dtype_views_get_their_own_storage(tmp_path):
 def test_save_to_file_object_and_bytes(tmp_path):
     buf = io.BytesIO()
     fsnp.save({"w": np.arange(3.0)}, buf)
-    assert torch.load(io.BytesIO(buf.getvalue()), weights_only=True)["w"].tolist() == [0.0, 1.0, 2.0]
+    assert torch.load(io.BytesIO(buf.getvalue()), weights_only=True)["w"].tolist() == [
+        0.0,
+        1.0,
+        2.0,
+    ]
     assert fsnp.load(io.BytesIO(buf.getvalue()))["w"].tolist() == [0.0, 1.0, 2.0]
 
 
 def test_save_writes_torch_record_layout(tmp_path):
     fsnp.save({"w": np.arange(3.0)}, tmp_path / "ckpt.pt")
     names = zipfile.ZipFile(tmp_path / "ckpt.pt").namelist()
-    assert names == ["ckpt/data.pkl", "ckpt/.format_version", "ckpt/.storage_alignment",
-                     "ckpt/byteorder", "ckpt/data/0", "ckpt/version", "ckpt/.data/serialization_id"]
+    assert names == [
+        "ckpt/data.pkl",
+        "ckpt/.format_version",
+        "ckpt/.storage_alignment",
+        "ckpt/byteorder",
+        "ckpt/data/0",
+        "ckpt/version",
+        "ckpt/.data/serialization_id",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -649,7 +712,9 @@ def test_save_writes_torch_record_layout(tmp_path):
         np.array(["a", "b"]),
         np.array([object()], dtype=object),
         np.ma.masked_array([1, 2], mask=[0, 1]),
-        np.zeros(2, dtype=np.longdouble) if np.dtype(np.longdouble).itemsize > 8 else np.array(["x"]),
+        np.zeros(2, dtype=np.longdouble)
+        if np.dtype(np.longdouble).itemsize > 8
+        else np.array(["x"]),
         np.str_("text"),
         torch.zeros(2),
     ],
@@ -679,7 +744,9 @@ def test_views_round_trip(shape, dtype, data):
     np_dtype = np.dtype(getattr(ml_dtypes, dtype)) if hasattr(ml_dtypes, dtype) else np.dtype(dtype)
     base = (np.arange(int(np.prod(shape)) if shape else 1) % 7).astype(np_dtype).reshape(shape)
     slices = tuple(
-        slice(data.draw(st.integers(0, max(n - 1, 0))), None, data.draw(st.sampled_from([1, 2, -1])))
+        slice(
+            data.draw(st.integers(0, max(n - 1, 0))), None, data.draw(st.sampled_from([1, 2, -1]))
+        )
         for n in shape
     )
     view = base[slices]
@@ -720,7 +787,10 @@ def _write_tar_checkpoint(path):
     pickle.dump([(12, 11, 2, 3)], storages, protocol=2)  # storage 12 views elements 2..4 of 11
     tensors = io.BytesIO()
     pickle.dump(2, tensors, protocol=2)
-    for key, storage, size, stride, offset in ((21, 11, (2, 3), (3, 1), 0), (22, 12, (3,), (1,), 0)):
+    for key, storage, size, stride, offset in (
+        (21, 11, (2, 3), (3, 1), 0),
+        (22, 12, (3,), (1,), 0),
+    ):
         pickle.dump((key, storage, torch.FloatTensor), tensors, protocol=2)
         tensors.write(np.int32(len(size)).tobytes() + b"\0" * 4)
         tensors.write(np.array(size, np.int64).tobytes() + np.array(stride, np.int64).tobytes())
@@ -758,4 +828,7 @@ def test_sha256_helper_matches_manifest_convention():
     # The manifest hashes contiguous little-endian bytes; arrays here are native (LE hosts).
     assert sys.byteorder == "little"
     arr = fsnp.load(fixture_path("edge.pt"))["one"]
-    assert hashlib.sha256(arr.tobytes()).hexdigest() == expected_for("edge.pt")["items"][2][1]["sha256"]
+    assert (
+        hashlib.sha256(arr.tobytes()).hexdigest()
+        == expected_for("edge.pt")["items"][2][1]["sha256"]
+    )

@@ -297,15 +297,17 @@ def test_registered_deserializer_restores_a_custom_tag(registry, priority, api):
     """One registry: an entry registered on either API serves both loads."""
     data = retag(torch_save_bytes(_sample()), "mydev:3")
     calls = []
-    register = fastserial.register_package if api == "fastserial" else (
-        torch.serialization.register_package
+    register = (
+        fastserial.register_package
+        if api == "fastserial"
+        else (torch.serialization.register_package)
     )
     register(priority, *_recording_package("pkg", calls))
     got = fastserial.load(io.BytesIO(data))
     ours = list(calls)
     want = torch.load(io.BytesIO(data))
     assert_same(got, want)
-    assert ours == calls[len(ours):] == [("pkg", "cpu", "mydev:3")] * 4
+    assert ours == calls[len(ours) :] == [("pkg", "cpu", "mydev:3")] * 4
 
 
 def test_registered_deserializer_used_with_map_location_dict(registry):

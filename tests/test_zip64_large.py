@@ -23,7 +23,7 @@ def test_checkpoints_past_4_gib_round_trip_with_torch(tmp_path):
     n = (4 << 30) + 12345
     big = torch.empty(n, dtype=torch.uint8)
     big[: 1 << 20].copy_(torch.arange(1 << 20) % 251)
-    big[-(1 << 20):].copy_(torch.arange(1 << 20) % 241)
+    big[-(1 << 20) :].copy_(torch.arange(1 << 20) % 241)
     obj = {"big": big, "after": torch.arange(10)}
 
     ours = tmp_path / "ours.pt"
@@ -35,7 +35,7 @@ def test_checkpoints_past_4_gib_round_trip_with_torch(tmp_path):
     for load in (torch.load, fastserial.load):
         r = load(ours, mmap=True, weights_only=True)
         assert r["big"].numel() == n
-        assert torch.equal(r["big"][-(1 << 20):], big[-(1 << 20):])
+        assert torch.equal(r["big"][-(1 << 20) :], big[-(1 << 20) :])
         assert torch.equal(r["after"], obj["after"])
         del r
     os.remove(ours)
@@ -43,5 +43,5 @@ def test_checkpoints_past_4_gib_round_trip_with_torch(tmp_path):
     theirs = tmp_path / "theirs.pt"
     torch.save(obj, theirs)
     r = fastserial.load(theirs, mmap=True)
-    assert torch.equal(r["big"][-(1 << 20):], big[-(1 << 20):])
+    assert torch.equal(r["big"][-(1 << 20) :], big[-(1 << 20) :])
     assert torch.equal(r["after"], obj["after"])

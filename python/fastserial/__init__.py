@@ -12,6 +12,7 @@ without it.
 """
 
 from ._fastserial import CheckpointError, get_num_threads, set_num_threads
+from ._optional import MissingDependencyError
 from .allowlist import add_safe_globals, clear_safe_globals, get_safe_globals, safe_globals
 from .lazy import open
 from .location import register_package
@@ -37,6 +38,7 @@ __all__ = [
     "load",
     "open",
     "CheckpointError",
+    "MissingDependencyError",
     "DEFAULT_PROTOCOL",
     "LoadEndianness",
     "get_default_load_endianness",

@@ -73,7 +73,9 @@ class Archive:
 class ArchiveWriter:
     """Streams a checkpoint to a path (atomically replaced) or a file-like object."""
 
-    def __init__(self, target: Any, prefix: str, atomic: bool = True, durable: bool = True) -> None: ...
+    def __init__(
+        self, target: Any, prefix: str, atomic: bool = True, durable: bool = True
+    ) -> None: ...
     def write_record(self, name: str, data: ReadableBuffer) -> None: ...
     def write_storages(self, items: Sequence[tuple[str, ReadableBuffer]]) -> None: ...
     def serialization_id(self) -> str: ...
@@ -112,16 +114,33 @@ class TensorFactory:
     def counts(self) -> tuple[int, int]: ...
     def persistent_load(self, saved_id: Any) -> Any: ...
     def rebuild_tensor_v2(
-        self, storage: Any, storage_offset: int, size: Any, stride: Any, requires_grad: bool,
-        backward_hooks: Any, metadata: Any = None,
+        self,
+        storage: Any,
+        storage_offset: int,
+        size: Any,
+        stride: Any,
+        requires_grad: bool,
+        backward_hooks: Any,
+        metadata: Any = None,
     ) -> Any: ...
     def rebuild_tensor_v3(
-        self, storage: Any, storage_offset: int, size: Any, stride: Any, requires_grad: bool,
-        backward_hooks: Any, dtype: Any, metadata: Any = None,
+        self,
+        storage: Any,
+        storage_offset: int,
+        size: Any,
+        stride: Any,
+        requires_grad: bool,
+        backward_hooks: Any,
+        dtype: Any,
+        metadata: Any = None,
     ) -> Any: ...
     def unpickle(
-        self, data: bytes, objects: dict[tuple[str, str], Any], natives: dict[tuple[str, str], int],
-        ordered_dict: type, memo_read: Optional[bytes] = None,
+        self,
+        data: bytes,
+        objects: dict[tuple[str, str], Any],
+        natives: dict[tuple[str, str], int],
+        ordered_dict: type,
+        memo_read: Optional[bytes] = None,
     ) -> tuple[bool, Any]: ...
     def finish(self) -> None: ...
 

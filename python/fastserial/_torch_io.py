@@ -61,6 +61,7 @@ def get_pack_small_tensors() -> bool:
     :func:`set_pack_small_tensors`)."""
     return _pack_small_tensors
 
+
 _ZIP_MAGIC = b"PK\x03\x04"
 _EMPTY_ZIP_MAGIC = b"PK\x05\x06"
 
@@ -591,8 +592,12 @@ def _holds_tensor_data(obj, budget: int = 10_000) -> bool:
     "maybe"."""
     import torch
 
-    readable = (torch.Tensor, torch.UntypedStorage, torch.storage.TypedStorage,
-                _native.PendingStorage)
+    readable = (
+        torch.Tensor,
+        torch.UntypedStorage,
+        torch.storage.TypedStorage,
+        _native.PendingStorage,
+    )
     stack = [obj]
     while stack:
         item = stack.pop()
@@ -713,8 +718,7 @@ class _ZipLoader:
         if not archive.has("data.pkl"):
             if _is_torchscript(archive):
                 raise self._fail(
-                    "this is a TorchScript archive, not a torch.save checkpoint; "
-                    "use torch.jit.load"
+                    "this is a TorchScript archive, not a torch.save checkpoint; use torch.jit.load"
                 )
             raise self._fail(f"record '{archive.prefix}/data.pkl' is missing from the archive")
         data = archive.read("data.pkl")  # CRC32 always checked
@@ -733,7 +737,10 @@ class _ZipLoader:
             not scan["persistent_id_reused"]
             and not _location.cpu_overridden()
             and _cpu_stays_cpu(self.map_location)
-            and all(g in _INERT_GLOBALS or _is_storage_global(g) or _is_dtype_global(g) for g in globals_used)
+            and all(
+                g in _INERT_GLOBALS or _is_storage_global(g) or _is_dtype_global(g)
+                for g in globals_used
+            )
         )
         if lazy:
             try:
@@ -999,7 +1006,11 @@ class _ZipLoader:
             typed._fastserial_swapped = True
         if untyped.device.type != "meta":
             self._check_view(
-                untyped.nbytes(), info.itemsize.get(dtype, 1), offset, size, stride,
+                untyped.nbytes(),
+                info.itemsize.get(dtype, 1),
+                offset,
+                size,
+                stride,
                 "a storage",
             )
         return info.empty((0,), dtype=dtype, device=untyped.device).set_(
@@ -1015,8 +1026,9 @@ class _ZipLoader:
             t._backward_hooks = backward_hooks
         return t
 
-    def rebuild_tensor_v2(self, storage, storage_offset, size, stride, requires_grad,
-                          backward_hooks, metadata=None):
+    def rebuild_tensor_v2(
+        self, storage, storage_offset, size, stride, requires_grad, backward_hooks, metadata=None
+    ):
         if not isinstance(storage, self.info.TypedStorage):
             raise _unpickling_error(
                 f"{self.file}: _rebuild_tensor_v2 received {type(storage).__name__}, not a storage"
@@ -1024,8 +1036,17 @@ class _ZipLoader:
         t = self._tensor_from_typed(storage, storage.dtype, storage_offset, size, stride)
         return self._finish_tensor(t, requires_grad, backward_hooks, metadata)
 
-    def rebuild_tensor_v3(self, storage, storage_offset, size, stride, requires_grad,
-                          backward_hooks, dtype, metadata=None):
+    def rebuild_tensor_v3(
+        self,
+        storage,
+        storage_offset,
+        size,
+        stride,
+        requires_grad,
+        backward_hooks,
+        dtype,
+        metadata=None,
+    ):
         if type(dtype) is not type(self.info.uint8):
             raise _unpickling_error(f"{self.file}: _rebuild_tensor_v3 dtype is {dtype!r}")
         if not isinstance(storage, self.info.TypedStorage):
@@ -1058,8 +1079,12 @@ class _ZipLoader:
             and typed._untyped_storage.device.type != "meta"
         ):
             self._check_view(
-                typed._untyped_storage.nbytes(), self.info.itemsize.get(typed.dtype, 1),
-                storage_offset, size, stride, "a quantized tensor's storage",
+                typed._untyped_storage.nbytes(),
+                self.info.itemsize.get(typed.dtype, 1),
+                storage_offset,
+                size,
+                stride,
+                "a quantized tensor's storage",
             )
         return self.info.torch._utils._rebuild_qtensor(typed, storage_offset, size, stride, *args)
 
@@ -1170,8 +1195,7 @@ def _refusal(file: str, full: str, blocked: bool = False, advice: Optional[str] 
         )
     return (
         f"{file}: weights-only load refused global '{full}' (GLOBAL {full} is not an "
-        "allowed global). "
-        + (advice or _safe.refusal_hint(full))
+        "allowed global). " + (advice or _safe.refusal_hint(full))
     )
 
 
@@ -1391,7 +1415,7 @@ def _remove_stale_temp_files(path: str) -> None:
     except OSError:
         return
     for name in candidates:
-        pid_text = name[len(prefix):].split("-", 1)[0]
+        pid_text = name[len(prefix) :].split("-", 1)[0]
         if not pid_text.isdigit() or _process_alive(int(pid_text)):
             continue
         try:

@@ -37,8 +37,20 @@ BLOCKED_MODULES = frozenset({"sys", "os", "posix", "nt"})
 
 
 def _storage_names() -> list[str]:
-    scalar = ("BFloat16", "Bool", "Byte", "Char", "ComplexDouble", "ComplexFloat", "Double",
-              "Float", "Half", "Int", "Long", "Short")
+    scalar = (
+        "BFloat16",
+        "Bool",
+        "Byte",
+        "Char",
+        "ComplexDouble",
+        "ComplexFloat",
+        "Double",
+        "Float",
+        "Half",
+        "Int",
+        "Long",
+        "Short",
+    )
     names = [f"torch.{t}Storage" for t in scalar]
     names += [f"torch.{t}Storage" for t in ("QInt32", "QInt8", "QUInt2x4", "QUInt4x2", "QUInt8")]
     names += [f"torch.cuda.{t}Storage" for t in scalar if not t.startswith("Complex")]
@@ -47,8 +59,7 @@ def _storage_names() -> list[str]:
 
 
 def _tensor_class_names() -> list[str]:
-    dense = ("BFloat16", "Bool", "Byte", "Char", "Double", "Float", "Half", "Int", "Long",
-             "Short")
+    dense = ("BFloat16", "Bool", "Byte", "Char", "Double", "Float", "Half", "Int", "Long", "Short")
     sparse = ("BFloat16", "Byte", "Char", "Double", "Float", "Half", "Int", "Long", "Short")
     return (
         [f"torch.{t}Tensor" for t in dense]
@@ -95,13 +106,44 @@ DEFAULT_ALLOWED_NAMES = frozenset(
     + [
         f"torch.{dt}"
         for dt in (
-            "bcomplex32", "bfloat16", "bits16", "bits1x8", "bits2x4", "bits4x2", "bits8", "bool",
-            "complex128", "complex32", "complex64", "float16", "float32", "float4_e2m1fn_x2",
-            "float64", "float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz",
-            "float8_e8m0fnu", "int16", "int32", "int64", "int8", "qint32", "qint8", "quint2x4",
-            "quint4x2", "quint8", "uint16", "uint32", "uint64", "uint8",
-            "per_channel_affine", "per_channel_affine_float_qparams", "per_channel_symmetric",
-            "per_tensor_affine", "per_tensor_symmetric",
+            "bcomplex32",
+            "bfloat16",
+            "bits16",
+            "bits1x8",
+            "bits2x4",
+            "bits4x2",
+            "bits8",
+            "bool",
+            "complex128",
+            "complex32",
+            "complex64",
+            "float16",
+            "float32",
+            "float4_e2m1fn_x2",
+            "float64",
+            "float8_e4m3fn",
+            "float8_e4m3fnuz",
+            "float8_e5m2",
+            "float8_e5m2fnuz",
+            "float8_e8m0fnu",
+            "int16",
+            "int32",
+            "int64",
+            "int8",
+            "qint32",
+            "qint8",
+            "quint2x4",
+            "quint4x2",
+            "quint8",
+            "uint16",
+            "uint32",
+            "uint64",
+            "uint8",
+            "per_channel_affine",
+            "per_channel_affine_float_qparams",
+            "per_channel_symmetric",
+            "per_tensor_affine",
+            "per_tensor_symmetric",
         )
     ]
     + [f"torch.{p}int{b}" for p in ("", "u") for b in range(1, 8)]
@@ -288,4 +330,3 @@ def refusal_hint(full: str) -> str:
 def is_allowed(module: str, name: str) -> bool:
     """``verdict(module, name).allowed``."""
     return verdict(module, name).allowed
-

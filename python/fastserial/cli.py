@@ -41,8 +41,13 @@ class Progress:
 
     WIDTH = 28
 
-    def __init__(self, total: int | None, label: str, stream: TextIO | None = None,
-                 enabled: bool | None = None) -> None:
+    def __init__(
+        self,
+        total: int | None,
+        label: str,
+        stream: TextIO | None = None,
+        enabled: bool | None = None,
+    ) -> None:
         self.stream = stream if stream is not None else sys.stderr
         if enabled is None:
             isatty = getattr(self.stream, "isatty", None)
@@ -71,8 +76,10 @@ class Progress:
             frac = min(self.done / self.total, 1.0)
             filled = int(frac * self.WIDTH)
             bar = "#" * filled + "-" * (self.WIDTH - filled)
-            text = (f"\r{self.label} [{bar}] {frac * 100:5.1f}% "
-                    f"{human_bytes(self.done)}/{human_bytes(self.total)} {elapsed:.1f}s")
+            text = (
+                f"\r{self.label} [{bar}] {frac * 100:5.1f}% "
+                f"{human_bytes(self.done)}/{human_bytes(self.total)} {elapsed:.1f}s"
+            )
         else:
             spinner = "|/-\\"[self._frame % 4]
             self._frame += 1
@@ -166,18 +173,25 @@ def inspect_report(path: str) -> dict:
                 elif type(value) is fsnp.OtherTensorInfo:
                     others.append({"name": name, "kind": value.kind, "function": value.function})
                 elif type(value) is fsnp.StorageInfo:
-                    objects.append({"name": name, "type": "storage",
-                                    "value": f"{value.nbytes} bytes (storage {value.key})"})
+                    objects.append(
+                        {
+                            "name": name,
+                            "type": "storage",
+                            "value": f"{value.nbytes} bytes (storage {value.key})",
+                        }
+                    )
                 else:
-                    objects.append({"name": name, "type": _type_name(value),
-                                    "value": _short_repr(value)})
+                    objects.append(
+                        {"name": name, "type": _type_name(value), "value": _short_repr(value)}
+                    )
         report["tensors"] = [_tensor_entry(n, t, users) for n, t in tensors]
         report["other_tensors"] = others
         report["objects"] = objects
         totals: dict[str, dict[str, int]] = {}
         for _, t in tensors:
-            entry = totals.setdefault(t.dtype.name, {"tensors": 0, "elements": 0, "nbytes": 0,
-                                                    "storage_nbytes": 0})
+            entry = totals.setdefault(
+                t.dtype.name, {"tensors": 0, "elements": 0, "nbytes": 0, "storage_nbytes": 0}
+            )
             entry["tensors"] += 1
             entry["elements"] += t.numel
             entry["nbytes"] += t.nbytes
@@ -198,8 +212,10 @@ def inspect_report(path: str) -> dict:
         report["error"] = None if s.error is None else f"{type(s.error).__name__}: {s.error}"
         report["notes"] = []
         if s.kind == "tar":
-            report["notes"].append("the pre-0.4 tar format builds its tensors only when loaded "
-                                   "(weights_only=False): inspect lists none")
+            report["notes"].append(
+                "the pre-0.4 tar format builds its tensors only when loaded "
+                "(weights_only=False): inspect lists none"
+            )
         return report
     finally:
         s.close()
@@ -249,11 +265,26 @@ def _tensor_entry(name: str, t, users: dict) -> dict:
 
 
 _ST_DTYPES = {
-    "BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "U16": "uint16",
-    "I32": "int32", "U32": "uint32", "I64": "int64", "U64": "uint64", "F16": "float16",
-    "BF16": "bfloat16", "F32": "float32", "F64": "float64", "C64": "complex64",
-    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F8_E4M3FNUZ": "float8_e4m3fnuz",
-    "F8_E5M2FNUZ": "float8_e5m2fnuz", "F8_E8M0": "float8_e8m0fnu", "F4": "float4_e2m1fn_x2",
+    "BOOL": "bool",
+    "U8": "uint8",
+    "I8": "int8",
+    "I16": "int16",
+    "U16": "uint16",
+    "I32": "int32",
+    "U32": "uint32",
+    "I64": "int64",
+    "U64": "uint64",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "F32": "float32",
+    "F64": "float64",
+    "C64": "complex64",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+    "F8_E4M3FNUZ": "float8_e4m3fnuz",
+    "F8_E5M2FNUZ": "float8_e5m2fnuz",
+    "F8_E8M0": "float8_e8m0fnu",
+    "F4": "float4_e2m1fn_x2",
 }
 
 
@@ -267,47 +298,122 @@ def _safetensors_header(path: str) -> tuple[dict, int]:
         if n > 100 << 20:
             raise CheckpointError(f"{path}: safetensors header of {n} bytes is implausible")
         try:
-            header = json.loads(fh.read(n))
-        except ValueError as e:
+            header = json.loads(fh.read(n), parse_int=_header_int)
+        except (ValueError, RecursionError) as e:
             raise CheckpointError(f"{path}: unreadable safetensors header: {e}") from e
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: the safetensors header is not a JSON object")
     return header, 8 + n
 
 
+def _header_int(text: str) -> int:
+    """JSON integers of a safetensors header: sizes and offsets, at most 20 digits
+    (a hostile header's 4,000-digit numbers are refused before any arithmetic)."""
+    if len(text.lstrip("-")) > 20:
+        raise ValueError(f"integer of {len(text)} digits")
+    return int(text)
+
+
+#: Most dimensions a safetensors tensor may declare here.
+_ST_MAX_DIMS = 64
+
+
+def _safetensors_entry(path: str, name: str, entry, data_size: int) -> tuple[str, list, int, int]:
+    """``(dtype, shape, begin, end)`` of one header entry, each checked before use:
+    the shape is a short list of non-negative ints, the offsets lie in the file and
+    span exactly the shape's bytes."""
+
+    def bad(what: str) -> CheckpointError:
+        return CheckpointError(f"{path}: safetensors entry {name!r}: {what}")
+
+    if not isinstance(entry, dict):
+        raise bad("is not a JSON object")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in _ST_DTYPES:
+        raise bad(f"unknown dtype {str(dtype)[:40]!r}")
+    if not isinstance(shape, list) or len(shape) > _ST_MAX_DIMS:
+        raise bad(f"shape must be a list of at most {_ST_MAX_DIMS} integers")
+    if any(type(n) is not int or n < 0 for n in shape):
+        raise bad("shape entries must be non-negative integers")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or any(type(o) is not int for o in offsets)
+        or not 0 <= offsets[0] <= offsets[1] <= data_size
+    ):
+        raise bad(f"data_offsets must be [begin, end] inside the {data_size}-byte data")
+    numel = 1
+    for n in shape:
+        numel *= n
+        if numel > data_size * 8:  # more elements than bits in the file: cannot fit
+            raise bad(f"shape {shape[:8]} declares more elements than the file holds")
+    return _ST_DTYPES[dtype], shape, offsets[0], offsets[1]
+
+
 def _inspect_safetensors(path: str) -> dict:
-    header, _start = _safetensors_header(path)
+    header, start = _safetensors_header(path)
     meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: the safetensors __metadata__ is not a JSON object")
+    data_size = max(os.path.getsize(path) - start, 0)
     tensors, totals = [], {}
     for name, entry in header.items():
-        dtype = _ST_DTYPES.get(entry["dtype"], entry["dtype"])
-        begin, end = entry["data_offsets"]
+        dtype, shape, begin, end = _safetensors_entry(path, name, entry, data_size)
         numel = 1
-        for n in entry["shape"]:
+        for n in shape:
             numel *= n
-        tensors.append({"name": name, "dtype": dtype, "shape": entry["shape"], "nbytes": end - begin,
-                        "storage": "-", "storage_nbytes": end - begin, "storage_users": 1})
-        t = totals.setdefault(dtype, {"tensors": 0, "elements": 0, "nbytes": 0, "storage_nbytes": 0})
+        tensors.append(
+            {
+                "name": name,
+                "dtype": dtype,
+                "shape": shape,
+                "nbytes": end - begin,
+                "storage": "-",
+                "storage_nbytes": end - begin,
+                "storage_users": 1,
+            }
+        )
+        t = totals.setdefault(
+            dtype, {"tensors": 0, "elements": 0, "nbytes": 0, "storage_nbytes": 0}
+        )
         t["tensors"] += 1
         t["elements"] += numel
         t["nbytes"] += end - begin
         t["storage_nbytes"] += end - begin
     return {
-        "file": path, "size": os.path.getsize(path), "format": "safetensors", "prefix": None,
+        "file": path,
+        "size": os.path.getsize(path),
+        "format": "safetensors",
+        "prefix": None,
         "byteorder": "little",
-        "pickle": None, "weights_only": True, "tensors": tensors, "other_tensors": [],
-        "objects": [{"name": f"__metadata__.{k}", "type": "str", "value": _short_repr(v)}
-                    for k, v in meta.items()],
+        "pickle": None,
+        "weights_only": True,
+        "tensors": tensors,
+        "other_tensors": [],
+        "objects": [
+            {"name": f"__metadata__.{k}", "type": "str", "value": _short_repr(v)}
+            for k, v in meta.items()
+        ],
         "totals": totals,
-        "total": {"tensors": len(tensors), "elements": sum(t["elements"] for t in totals.values()),
-                  "nbytes": sum(t["nbytes"] for t in tensors), "storages": len(tensors),
-                  "storage_nbytes": sum(t["nbytes"] for t in tensors)},
-        "problems": [], "error": None, "notes": [],
+        "total": {
+            "tensors": len(tensors),
+            "elements": sum(t["elements"] for t in totals.values()),
+            "nbytes": sum(t["nbytes"] for t in tensors),
+            "storages": len(tensors),
+            "storage_nbytes": sum(t["nbytes"] for t in tensors),
+        },
+        "problems": [],
+        "error": None,
+        "notes": [],
     }
 
 
 def _print_table(rows: list[list[str]], out: TextIO, right: set[int] = frozenset()) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
-        cells = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))]
+        cells = [
+            c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))
+        ]
         out.write("  ".join(cells).rstrip() + "\n")
 
 
@@ -321,19 +427,26 @@ _FORMATS = {
 
 def _print_report(r: dict, out: TextIO) -> None:
     prefix = f", folder '{r['prefix']}/'" if r.get("prefix") else ""
-    out.write(f"{r['file']}: {_FORMATS.get(r['format'], r['format'])}{prefix}, "
-              f"{human_bytes(r['size'])}, byteorder {r['byteorder']}\n")
+    out.write(
+        f"{r['file']}: {_FORMATS.get(r['format'], r['format'])}{prefix}, "
+        f"{human_bytes(r['size'])}, byteorder {r['byteorder']}\n"
+    )
     p = r.get("pickle")
     if p is not None:
         proto = "?" if p["protocol"] is None else p["protocol"]
-        out.write(f"pickle: protocol {proto}, {len(p['globals'])} globals: "
-                  f"{', '.join(p['globals']) or '-'}\n")
+        out.write(
+            f"pickle: protocol {proto}, {len(p['globals'])} globals: "
+            f"{', '.join(p['globals']) or '-'}\n"
+        )
         if r["weights_only"]:
             out.write("weights-only: loadable (every global is on the allow-list)\n")
         else:
-            why = [f"globals outside the allow-list: {', '.join(p['not_allowed_globals'])}"
-                   if p["not_allowed_globals"] else "",
-                   f"opcodes {', '.join(p['unsafe_opcodes'])}" if p["unsafe_opcodes"] else ""]
+            why = [
+                f"globals outside the allow-list: {', '.join(p['not_allowed_globals'])}"
+                if p["not_allowed_globals"]
+                else "",
+                f"opcodes {', '.join(p['unsafe_opcodes'])}" if p["unsafe_opcodes"] else "",
+            ]
             reason = "; ".join(w for w in why if w) or "tar format"
             out.write(f"weights-only: NOT loadable ({reason}); shown without running it\n")
     tensors = r["tensors"]
@@ -344,26 +457,49 @@ def _print_report(r: dict, out: TextIO) -> None:
             storage = str(t["storage"])
             if t["storage_users"] > 1:
                 storage += f" (shared by {t['storage_users']})"
-            if "storage_offset" in t and (t["storage_offset"] or t["nbytes"] != t["storage_nbytes"]):
+            if "storage_offset" in t and (
+                t["storage_offset"] or t["nbytes"] != t["storage_nbytes"]
+            ):
                 storage += f" offset {t['storage_offset']} of {human_bytes(t['storage_nbytes'])}"
-            rows.append([t["name"], t["dtype"], _shape(t["shape"]), human_bytes(t["nbytes"]), storage])
+            rows.append(
+                [t["name"], t["dtype"], _shape(t["shape"]), human_bytes(t["nbytes"]), storage]
+            )
         _print_table(rows, out, right={3})
         out.write("\n")
         rows = [["DTYPE", "TENSORS", "ELEMENTS", "SIZE", "STORAGE"]]
         for dtype, t in sorted(r["totals"].items(), key=lambda kv: -kv[1]["nbytes"]):
-            rows.append([dtype, str(t["tensors"]), f"{t['elements']:,}", human_bytes(t["nbytes"]),
-                         human_bytes(t["storage_nbytes"])])
+            rows.append(
+                [
+                    dtype,
+                    str(t["tensors"]),
+                    f"{t['elements']:,}",
+                    human_bytes(t["nbytes"]),
+                    human_bytes(t["storage_nbytes"]),
+                ]
+            )
         tot = r["total"]
-        rows.append(["total", str(tot["tensors"]), f"{tot['elements']:,}", human_bytes(tot["nbytes"]),
-                     human_bytes(tot["storage_nbytes"])])
+        rows.append(
+            [
+                "total",
+                str(tot["tensors"]),
+                f"{tot['elements']:,}",
+                human_bytes(tot["nbytes"]),
+                human_bytes(tot["storage_nbytes"]),
+            ]
+        )
         _print_table(rows, out, right={1, 2, 3, 4})
         out.write(f"{tot['tensors']} tensors in {tot['storages']} storages\n")
     else:
         out.write("\nno dense tensors\n")
-    out.writelines(f"{o['name']}: {o['kind']} ({o['function']}), not listed above\n" for o in r["other_tensors"])
+    out.writelines(
+        f"{o['name']}: {o['kind']} ({o['function']}), not listed above\n"
+        for o in r["other_tensors"]
+    )
     if r["objects"]:
         out.write("\nother values:\n")
-        out.writelines(f"  {o['name'] or '<root>'} = {o['value']}  ({o['type']})\n" for o in r["objects"][:50])
+        out.writelines(
+            f"  {o['name'] or '<root>'} = {o['value']}  ({o['type']})\n" for o in r["objects"][:50]
+        )
         if len(r["objects"]) > 50:
             out.write(f"  ... and {len(r['objects']) - 50} more\n")
     out.writelines(f"note: {note}\n" for note in r["notes"])
@@ -428,23 +564,31 @@ def verify_checkpoint(path: str, progress: Progress | None = None) -> tuple[list
                 chunk.append(name)
                 chunk_bytes += size
                 if chunk_bytes >= _VERIFY_CHUNK or name == names[-1]:
-                    problems += [p if p.startswith("record") else f"record '{r}': {p}"
-                                 for r, p in archive.verify(chunk)]
+                    problems += [
+                        p if p.startswith("record") else f"record '{r}': {p}"
+                        for r, p in archive.verify(chunk)
+                    ]
                     if progress is not None:
                         progress.update(chunk_bytes)
                     chunk, chunk_bytes = [], 0
             notes.append(f"{len(names)} records checked against their CRC32")
         elif s.kind == "legacy":
-            notes.append("the legacy format has no checksums: checked its structure and bounds only")
+            notes.append(
+                "the legacy format has no checksums: checked its structure and bounds only"
+            )
         else:
             problems += _verify_tar(path)
             notes.append("the tar format: checked the archive's members only")
         tensors = sum(1 for _, v in fsnp.iter_leaves(s.root) if type(v) is fsnp.TensorInfo)
-        notes.append(f"{tensors} tensors in {len(s.storages)} storages checked against their bounds")
+        notes.append(
+            f"{tensors} tensors in {len(s.storages)} storages checked against their bounds"
+        )
         refused = [g for g in s.globals if not fsnp.is_allowed_global(*g.rsplit(".", 1))]
         if refused:
-            notes.append("the pickle uses globals outside the weights-only allow-list "
-                         f"({', '.join(refused)}); a weights-only load refuses it")
+            notes.append(
+                "the pickle uses globals outside the weights-only allow-list "
+                f"({', '.join(refused)}); a weights-only load refuses it"
+            )
     finally:
         s.close()
     return problems, notes
@@ -475,11 +619,29 @@ def _cmd_verify(args, out: TextIO, err: TextIO) -> int:
 # --------------------------------------------------------------------------- convert
 
 
-_SAFETENSORS_DTYPES = frozenset({
-    "bool", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64", "float16",
-    "float32", "float64", "bfloat16", "float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2",
-    "float8_e5m2fnuz", "float8_e8m0fnu", "complex64",
-})
+_SAFETENSORS_DTYPES = frozenset(
+    {
+        "bool",
+        "int8",
+        "uint8",
+        "int16",
+        "uint16",
+        "int32",
+        "uint32",
+        "int64",
+        "uint64",
+        "float16",
+        "float32",
+        "float64",
+        "bfloat16",
+        "float8_e4m3fn",
+        "float8_e4m3fnuz",
+        "float8_e5m2",
+        "float8_e5m2fnuz",
+        "float8_e8m0fnu",
+        "complex64",
+    }
+)
 
 
 def _read_torch_tensors(src: str, notes: list[str], progress_stream: TextIO):
@@ -495,29 +657,39 @@ def _read_torch_tensors(src: str, notes: list[str], progress_stream: TextIO):
         for name, value in fsnp.iter_leaves(s.root):
             name = name or "tensor"
             if type(value) is fsnp.TensorInfo:
-                sig = (value.storage.key, value.storage_offset, value.shape, value.stride,
-                       value.dtype.name)
+                sig = (
+                    value.storage.key,
+                    value.storage_offset,
+                    value.shape,
+                    value.stride,
+                    value.dtype.name,
+                )
                 if sig in seen:
-                    notes.append(f"'{name}' is the same tensor as '{seen[sig]}' (shared storage): "
-                                 f"kept one copy, under '{seen[sig]}'")
+                    notes.append(
+                        f"'{name}' is the same tensor as '{seen[sig]}' (shared storage): "
+                        f"kept one copy, under '{seen[sig]}'"
+                    )
                     continue
                 seen[sig] = name
                 owner = storage_owner.setdefault(value.storage.key, name)
                 if owner != name:
-                    notes.append(f"'{name}' views the storage of '{owner}': written as an "
-                                 "independent copy")
+                    notes.append(
+                        f"'{name}' views the storage of '{owner}': written as an independent copy"
+                    )
                 kept.append((name, value))
             elif type(value) is fsnp.OtherTensorInfo:
                 skipped.append(f"'{name}' ({value.kind}): safetensors holds dense tensors only")
             else:
-                skipped.append(f"'{name}' = {_short_repr(value, 50)} ({_type_name(value)}): "
-                               "not a tensor")
+                skipped.append(
+                    f"'{name}' = {_short_repr(value, 50)} ({_type_name(value)}): not a tensor"
+                )
         meta = getattr(s.root, "_metadata", None)
         if meta is not None:
             skipped.append("the state dict's _metadata (module versions): not a tensor")
         if skipped:
-            notes.append(f"{len(skipped)} non-tensor value{'s' if len(skipped) > 1 else ''} "
-                         "not written:")
+            notes.append(
+                f"{len(skipped)} non-tensor value{'s' if len(skipped) > 1 else ''} not written:"
+            )
             notes.extend(f"  {x}" for x in skipped)
         total = sum(t.nbytes for _, t in kept)
         arrays = []
@@ -532,34 +704,42 @@ def _read_torch_tensors(src: str, notes: list[str], progress_stream: TextIO):
 
 def _read_safetensors(src: str, notes: list[str], progress_stream: TextIO):
     import numpy as np
+
     safe_open = require("safetensors", "reading a .safetensors file").safe_open
 
     fsnp = _fsnp()
     header, data_start = _safetensors_header(src)
     meta = {k: v for k, v in (header.pop("__metadata__", None) or {}).items() if k != "format"}
     if meta:
-        notes.append(f"safetensors metadata not carried into the checkpoint: {_short_repr(meta, 200)}")
+        notes.append(
+            f"safetensors metadata not carried into the checkpoint: {_short_repr(meta, 200)}"
+        )
     arrays = []
-    total = sum(e["data_offsets"][1] - e["data_offsets"][0] for e in header.values())
-    with safe_open(src, framework="numpy") as f, \
-            Progress(total, f"reading {os.path.basename(src)}", progress_stream) as bar:
+    data_size = max(os.path.getsize(src) - data_start, 0)
+    entries = {name: _safetensors_entry(src, name, e, data_size) for name, e in header.items()}
+    total = sum(end - begin for _, _, begin, end in entries.values())
+    with (
+        safe_open(src, framework="numpy") as f,
+        Progress(total, f"reading {os.path.basename(src)}", progress_stream) as bar,
+    ):
         names = f.keys()
         for name in names:
-            entry = header[name]
-            dtype = fsnp.dtype_from_torch_name(_ST_DTYPES.get(entry["dtype"], entry["dtype"])) \
-                if entry["dtype"] in _ST_DTYPES else None
-            if dtype is None or dtype.numpy_dtype is None:
-                raise CheckpointError(f"{src}: tensor '{name}' has dtype {entry['dtype']}, which "
-                                      "fastserial.numpy cannot represent")
-            begin, end = entry["data_offsets"]
+            torch_name, shape, begin, end = entries[name]
+            dtype = fsnp.dtype_from_torch_name(torch_name)
+            if dtype.numpy_dtype is None:
+                raise CheckpointError(
+                    f"{src}: tensor '{name}' has dtype {torch_name}, which "
+                    "fastserial.numpy cannot represent"
+                )
             try:
                 array = f.get_tensor(name)
             except (AttributeError, TypeError, ValueError):
                 # safetensors' numpy framework lacks the float8 types: read the bytes at the
                 # offsets its header gives.
-                array = np.fromfile(src, dtype=np.uint8, count=end - begin,
-                                    offset=data_start + begin).view(dtype.numpy_dtype)
-                array = array.reshape(entry["shape"])
+                array = np.fromfile(
+                    src, dtype=np.uint8, count=end - begin, offset=data_start + begin
+                ).view(dtype.numpy_dtype)
+                array = array.reshape(shape)
             arrays.append((name, dtype.name, array))
             bar.update(end - begin)
     return arrays
@@ -570,8 +750,10 @@ def _write_safetensors(arrays, dst: str, notes: list[str], progress_stream: Text
 
     safetensors = require("safetensors", "writing a .safetensors file")
     if not hasattr(safetensors, "TensorSpec"):
-        raise RuntimeError("writing .safetensors needs a safetensors version with TensorSpec "
-                           "(pip install -U safetensors)")
+        raise RuntimeError(
+            "writing .safetensors needs a safetensors version with TensorSpec "
+            "(pip install -U safetensors)"
+        )
     keep_alive, specs = [], {}
     for name, dtype, array in arrays:
         if dtype not in _SAFETENSORS_DTYPES:
@@ -579,9 +761,12 @@ def _write_safetensors(arrays, dst: str, notes: list[str], progress_stream: Text
             continue
         data = array if array.flags.c_contiguous else np.array(array, order="C")  # keeps 0-d
         keep_alive.append(data)
-        specs[name] = safetensors.TensorSpec(dtype=dtype, shape=list(data.shape),
-                                             data_ptr=data.ctypes.data if data.nbytes else 0,
-                                             data_len=data.nbytes)
+        specs[name] = safetensors.TensorSpec(
+            dtype=dtype,
+            shape=list(data.shape),
+            data_ptr=data.ctypes.data if data.nbytes else 0,
+            data_len=data.nbytes,
+        )
     failure: list[BaseException] = []
 
     def write():
@@ -651,22 +836,31 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"fastserial {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    p = sub.add_parser("inspect", help="list tensors, dtypes, shapes and sharing; reads no data",
-                       description="List every tensor (name, dtype, shape, size, storage "
-                                   "sharing), totals per dtype, the format and the pickle's "
-                                   "globals. Reads metadata only and runs nothing from the file.")
+    p = sub.add_parser(
+        "inspect",
+        help="list tensors, dtypes, shapes and sharing; reads no data",
+        description="List every tensor (name, dtype, shape, size, storage "
+        "sharing), totals per dtype, the format and the pickle's "
+        "globals. Reads metadata only and runs nothing from the file.",
+    )
     p.add_argument("path", help="a .pt/.pth/.bin checkpoint or a .safetensors file")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p = sub.add_parser("convert", help=".pt <-> .safetensors (by extension)",
-                       description="Convert between torch checkpoints and .safetensors by file "
-                                   "extension (or re-save a torch checkpoint in the current "
-                                   "format). Shared tensors are kept once; values that are not "
-                                   "tensors are reported.")
+    p = sub.add_parser(
+        "convert",
+        help=".pt <-> .safetensors (by extension)",
+        description="Convert between torch checkpoints and .safetensors by file "
+        "extension (or re-save a torch checkpoint in the current "
+        "format). Shared tensors are kept once; values that are not "
+        "tensors are reported.",
+    )
     p.add_argument("input")
     p.add_argument("output")
-    p = sub.add_parser("verify", help="check every CRC32 and tensor bound; exit 1 if damaged",
-                       description="Check every record's CRC32 and every tensor's bounds. "
-                                   "Exit status 0 only for an intact checkpoint.")
+    p = sub.add_parser(
+        "verify",
+        help="check every CRC32 and tensor bound; exit 1 if damaged",
+        description="Check every record's CRC32 and every tensor's bounds. "
+        "Exit status 0 only for an intact checkpoint.",
+    )
     p.add_argument("path")
     return parser
 
@@ -682,7 +876,9 @@ def _silence_stdout() -> None:
 _COMMANDS = {"inspect": _cmd_inspect, "verify": _cmd_verify, "convert": _cmd_convert}
 
 
-def main(argv: list[str] | None = None, out: TextIO | None = None, err: TextIO | None = None) -> int:
+def main(
+    argv: list[str] | None = None, out: TextIO | None = None, err: TextIO | None = None
+) -> int:
     """Runs the command line; returns the exit status."""
     out = out if out is not None else sys.stdout
     err = err if err is not None else sys.stderr
@@ -695,8 +891,16 @@ def main(argv: list[str] | None = None, out: TextIO | None = None, err: TextIO |
     except MissingDependencyError as e:
         err.write(f"fastserial {args.command}: {e}\n")
         return _EXIT_FAIL
-    except (CheckpointError, pickle.UnpicklingError, NotImplementedError, OSError, ValueError,
-            RuntimeError, TypeError, KeyError) as e:
+    except (
+        CheckpointError,
+        pickle.UnpicklingError,
+        NotImplementedError,
+        OSError,
+        ValueError,
+        RuntimeError,
+        TypeError,
+        KeyError,
+    ) as e:
         err.write(f"fastserial {args.command}: error: {e}\n")
         return _EXIT_FAIL
     except KeyboardInterrupt:

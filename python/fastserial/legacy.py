@@ -54,7 +54,9 @@ class _LegacyLoader(_ZipLoader):
     """Unpickles legacy streams; shares find_class and the rebuild functions with the
     zip loader, but storages are created eagerly and filled after the pickle."""
 
-    def __init__(self, opened: _Opened, map_location, pickle_module, weights_only, pickle_load_args):
+    def __init__(
+        self, opened: _Opened, map_location, pickle_module, weights_only, pickle_load_args
+    ):
         self.info = _TorchInfo.get()
         self.archive = None
         self.file = opened.display
@@ -173,7 +175,9 @@ class _LegacyLoader(_ZipLoader):
             start = offset * itemsize
             end = start + view_size * itemsize
             if offset < 0 or view_size < 0 or end > typed._untyped_storage.nbytes():
-                raise CheckpointError(f"{self.file}: storage view {view_key!r} lies outside its storage")
+                raise CheckpointError(
+                    f"{self.file}: storage view {view_key!r} lies outside its storage"
+                )
             self.storages[view_key] = info.TypedStorage(
                 wrap_storage=typed._untyped_storage[start:end], dtype=dtype, _internal=True
             )
@@ -274,7 +278,14 @@ def scan_next_pickle(stream, label: str, refuse_unsafe: bool) -> tuple[bytes, in
 
 
 #: Exceptions a damaged legacy pickle makes Python's unpickler raise.
-_LEGACY_DATA_ERRORS = (ValueError, TypeError, UnicodeDecodeError, KeyError, IndexError, struct.error)
+_LEGACY_DATA_ERRORS = (
+    ValueError,
+    TypeError,
+    UnicodeDecodeError,
+    KeyError,
+    IndexError,
+    struct.error,
+)
 
 
 def _stream_size(f):

@@ -210,12 +210,20 @@ _DTYPE_TABLE: dict[str, tuple[int, Any, str | None]] = {
 
 #: Every torch dtype by name (``"float32"``), as :class:`TorchDType` singletons.
 DTYPES: dict[str, TorchDType] = {
-    name: TorchDType(name, size, npd, storage) for name, (size, npd, storage) in _DTYPE_TABLE.items()
+    name: TorchDType(name, size, npd, storage)
+    for name, (size, npd, storage) in _DTYPE_TABLE.items()
 }
 _DTYPE_ALIASES = {
-    "half": "float16", "float": "float32", "double": "float64", "cfloat": "complex64",
-    "cdouble": "complex128", "chalf": "complex32", "short": "int16", "int": "int32",
-    "long": "int64", "bit": "uint1",
+    "half": "float16",
+    "float": "float32",
+    "double": "float64",
+    "cfloat": "complex64",
+    "cdouble": "complex128",
+    "chalf": "complex32",
+    "short": "int16",
+    "int": "int32",
+    "long": "int64",
+    "bit": "uint1",
 }
 _STORAGE_TYPES: dict[str, TorchDType] = {
     d.storage_name: d for d in DTYPES.values() if d.storage_name is not None
@@ -287,7 +295,10 @@ class TorchDevice(_Frozen):
     def __eq__(self, other) -> bool:
         if isinstance(other, str):
             return str(self) == other
-        return isinstance(other, TorchDevice) and (self.type, self.index) == (other.type, other.index)
+        return isinstance(other, TorchDevice) and (self.type, self.index) == (
+            other.type,
+            other.index,
+        )
 
     def __hash__(self) -> int:
         return hash((self.type, self.index))
@@ -312,18 +323,43 @@ _TENSOR = _TorchName("torch.Tensor")
 _PARAMETER = _TorchName("torch.nn.parameter.Parameter")
 _LAYOUTS = {
     name: _TorchName(f"torch.{name}")
-    for name in ("strided", "sparse_coo", "sparse_csr", "sparse_csc", "sparse_bsr", "sparse_bsc",
-                 "_mkldnn", "jagged")
+    for name in (
+        "strided",
+        "sparse_coo",
+        "sparse_csr",
+        "sparse_csc",
+        "sparse_bsr",
+        "sparse_bsc",
+        "_mkldnn",
+        "jagged",
+    )
 }
 _QSCHEMES = {
     name: _TorchName(f"torch.{name}")
-    for name in ("per_tensor_affine", "per_tensor_symmetric", "per_channel_affine",
-                 "per_channel_symmetric", "per_channel_affine_float_qparams")
+    for name in (
+        "per_tensor_affine",
+        "per_tensor_symmetric",
+        "per_channel_affine",
+        "per_channel_symmetric",
+        "per_channel_affine_float_qparams",
+    )
 }
 _TENSOR_CLASSES = {
     f"{prefix}Tensor": _TorchName(f"torch.{prefix}Tensor")
-    for prefix in ("Double", "Float", "Half", "BFloat16", "Long", "Int", "Short", "Char", "Byte",
-                   "Bool", "ComplexDouble", "ComplexFloat")
+    for prefix in (
+        "Double",
+        "Float",
+        "Half",
+        "BFloat16",
+        "Long",
+        "Int",
+        "Short",
+        "Char",
+        "Byte",
+        "Bool",
+        "ComplexDouble",
+        "ComplexFloat",
+    )
 }
 
 
@@ -368,11 +404,14 @@ class _StorageType(_Frozen):
 _UNTYPED = _StorageType("UntypedStorage", None)
 _STORAGE_MARKERS = {name: _StorageType(name, d) for name, d in _STORAGE_TYPES.items()}
 
+
 def _codecs_encode(text, encoding="utf-8", errors="strict"):
     """Stand-in for ``_codecs.encode``, which protocol 2 uses to pickle bytes
     (``encode(text, 'latin1')``): text codecs only, never codecs.encode's others."""
     if not isinstance(text, str) or not isinstance(encoding, str) or not isinstance(errors, str):
-        raise pickle.UnpicklingError(f"_codecs.encode called with {type(text).__name__}, {encoding!r}")
+        raise pickle.UnpicklingError(
+            f"_codecs.encode called with {type(text).__name__}, {encoding!r}"
+        )
     if codecs.lookup(encoding).name not in ("iso8859-1", "utf-8", "ascii"):
         raise pickle.UnpicklingError(f"_codecs.encode with codec {encoding!r} is not allowed")
     return codecs.encode(text, encoding, errors)
@@ -483,8 +522,10 @@ class TensorInfo:
         return self.storage_offset, last + 1
 
     def __repr__(self) -> str:
-        return (f"TensorInfo(dtype={self.dtype}, shape={self.shape}, stride={self.stride}, "
-                f"storage={self.storage.key!r}, storage_offset={self.storage_offset})")
+        return (
+            f"TensorInfo(dtype={self.dtype}, shape={self.shape}, stride={self.stride}, "
+            f"storage={self.storage.key!r}, storage_offset={self.storage_offset})"
+        )
 
 
 class OtherTensorInfo:
@@ -617,8 +658,15 @@ class _Reader:
     ``factory`` turns storages and tensor views into results (arrays or metadata).
     """
 
-    def __init__(self, display: str, mode: str, factory, encoding: str = "utf-8",
-                 problems: list | None = None, unscanned: bool = False):
+    def __init__(
+        self,
+        display: str,
+        mode: str,
+        factory,
+        encoding: str = "utf-8",
+        problems: list | None = None,
+        unscanned: bool = False,
+    ):
         self.file = display
         self.unscanned = unscanned  # legacy streams: scan each pickle before unpickling it
         self.mode = mode
@@ -658,8 +706,15 @@ class _Reader:
             raise CheckpointError(
                 f"{self.file}: the pickle declares an object larger than memory (corrupted?)"
             ) from e
-        except (ValueError, KeyError, IndexError, TypeError, AttributeError, LookupError,
-                struct.error) as e:
+        except (
+            ValueError,
+            KeyError,
+            IndexError,
+            TypeError,
+            AttributeError,
+            LookupError,
+            struct.error,
+        ) as e:
             if self.mode != "trusting":
                 raise pickle.UnpicklingError(
                     f"{self.file}: weights-only load failed while unpickling: "
@@ -759,14 +814,21 @@ class _Reader:
             raise pickle.UnpicklingError(f"{self.file}: storage key {key!r} is not a string")
         dtype = self._storage_dtype(storage_type)
         numel = self._numel(key, numel)
-        info = StorageInfo(key, dtype, numel * (dtype.itemsize if dtype else 1),
-                           _decode(location), record=f"data/{key}")
+        info = StorageInfo(
+            key,
+            dtype,
+            numel * (dtype.itemsize if dtype else 1),
+            _decode(location),
+            record=f"data/{key}",
+        )
         return self._register(key, info)
 
     def legacy_persistent_load(self, saved_id):
         """A legacy file's ``('storage', type, root_key, location, numel, view)``."""
         if type(saved_id) is not tuple or not saved_id:
-            raise pickle.UnpicklingError(f"{self.file}: unexpected persistent id {_brief(saved_id)}")
+            raise pickle.UnpicklingError(
+                f"{self.file}: unexpected persistent id {_brief(saved_id)}"
+            )
         typename = _decode(saved_id[0])
         if typename == "module" and len(saved_id) > 1:
             return saved_id[1]
@@ -790,9 +852,16 @@ class _Reader:
             return found
         parent = self.info_of[id(root)]
         start, end = offset * itemsize, (offset + size) * itemsize
-        if type(offset) is not int or type(size) is not int or offset < 0 or size < 0 \
-                or end > parent.nbytes:
-            raise CheckpointError(f"{self.file}: storage view {view_key!r} lies outside its storage")
+        if (
+            type(offset) is not int
+            or type(size) is not int
+            or offset < 0
+            or size < 0
+            or end > parent.nbytes
+        ):
+            raise CheckpointError(
+                f"{self.file}: storage view {view_key!r} lies outside its storage"
+            )
         info = StorageInfo(view_key, dtype, end - start, parent.location)
         info.parent, info.parent_offset = parent, start
         made = self.factory.view_storage(root, parent, info)
@@ -809,7 +878,9 @@ class _Reader:
 
     def _numel(self, key, numel) -> int:
         if type(numel) is not int or numel < 0:
-            raise pickle.UnpicklingError(f"{self.file}: storage {key!r} declares {numel!r} elements")
+            raise pickle.UnpicklingError(
+                f"{self.file}: storage {key!r} declares {numel!r} elements"
+            )
         return numel
 
     def _register(self, key, info: StorageInfo):
@@ -859,15 +930,32 @@ class _Reader:
                 raise pickle.UnpicklingError(f"{self.file}: {fn}: invalid {what} {tuple(values)!r}")
         return tuple(values)
 
-    def rebuild_tensor_v2(self, storage, storage_offset, size, stride, requires_grad=False,
-                          backward_hooks=None, metadata=None):
+    def rebuild_tensor_v2(
+        self,
+        storage,
+        storage_offset,
+        size,
+        stride,
+        requires_grad=False,
+        backward_hooks=None,
+        metadata=None,
+    ):
         info = self._storage_info(storage, "_rebuild_tensor_v2")
         dtype = info.dtype or _UINT8
         made = self._tensor(storage, dtype, storage_offset, size, stride, "_rebuild_tensor_v2")
         return self.factory.finish(made, requires_grad)
 
-    def rebuild_tensor_v3(self, storage, storage_offset, size, stride, requires_grad,
-                          backward_hooks, dtype, metadata=None):
+    def rebuild_tensor_v3(
+        self,
+        storage,
+        storage_offset,
+        size,
+        stride,
+        requires_grad,
+        backward_hooks,
+        dtype,
+        metadata=None,
+    ):
         if type(dtype) is not TorchDType:
             raise pickle.UnpicklingError(f"{self.file}: _rebuild_tensor_v3 dtype is {dtype!r}")
         made = self._tensor(storage, dtype, storage_offset, size, stride, "_rebuild_tensor_v3")
@@ -925,8 +1013,9 @@ def _as_array(raw: np.ndarray, dtype: TorchDType, offset: int, size, stride, fil
     itemsize = dtype.itemsize
     byte_offset = offset * itemsize
     byte_offset = min(byte_offset, raw.nbytes)
-    return np.ndarray(size, dtype=npd, buffer=raw, offset=byte_offset,
-                      strides=tuple(s * itemsize for s in stride))
+    return np.ndarray(
+        size, dtype=npd, buffer=raw, offset=byte_offset, strides=tuple(s * itemsize for s in stride)
+    )
 
 
 class _ArrayFactory:
@@ -938,7 +1027,7 @@ class _ArrayFactory:
         self.deferred_swaps: list[tuple[np.ndarray, int]] = []
 
     def view_storage(self, root, parent: StorageInfo, info: StorageInfo):
-        info.raw = parent.raw[info.parent_offset: info.parent_offset + info.nbytes]
+        info.raw = parent.raw[info.parent_offset : info.parent_offset + info.nbytes]
         info.swap_pending = parent.swap_pending
         return _typed_view(info.raw, info.dtype)
 
@@ -1007,7 +1096,9 @@ class _ZipArrays(_ArrayFactory):
             failures = self.archive.verify(self.mapped)
             if failures:
                 record, problem = failures[0]
-                raise CheckpointError(f"{self.file}: record '{record}' failed verification: {problem}")
+                raise CheckpointError(
+                    f"{self.file}: record '{record}' failed verification: {problem}"
+                )
         self.apply_swaps()
 
 
@@ -1077,8 +1168,10 @@ def _check_record(archive, info: StorageInfo, file: str, problems: list | None) 
         if size == info.nbytes:
             return
         what = f"{info.dtype}" if info.dtype else "bytes"
-        msg = (f"record '{prefix}/{record}' holds {size} bytes but the pickle declares "
-               f"{info.nbytes} bytes of {what}")
+        msg = (
+            f"record '{prefix}/{record}' holds {size} bytes but the pickle declares "
+            f"{info.nbytes} bytes of {what}"
+        )
     if problems is None:
         raise CheckpointError(f"{file}: {msg}")
     problems.append(msg)
@@ -1122,7 +1215,9 @@ def _zip_pickle(archive, file: str, mode: str) -> tuple[bytes, dict]:
             raise CheckpointError(
                 f"{file}: this is a TorchScript archive, not a torch.save checkpoint"
             )
-        raise CheckpointError(f"{file}: record '{archive.prefix}/data.pkl' is missing from the archive")
+        raise CheckpointError(
+            f"{file}: record '{archive.prefix}/data.pkl' is missing from the archive"
+        )
     data = archive.read("data.pkl")  # CRC32 always checked
     scan = _native.scan_pickle(data, f"{file}: record '{archive.prefix}/data.pkl'")
     if mode == "strict" and scan["unsafe_opcodes"]:
@@ -1167,7 +1262,9 @@ PROTOCOL_VERSION = 1001
 def _legacy_header(reader: _Reader, stream) -> None:
     magic = reader.unpickle(stream)
     if magic != MAGIC_NUMBER:
-        raise CheckpointError(f"{reader.file}: not a torch checkpoint (invalid magic number; corrupt file?)")
+        raise CheckpointError(
+            f"{reader.file}: not a torch checkpoint (invalid magic number; corrupt file?)"
+        )
     version = reader.unpickle(stream)
     if version != PROTOCOL_VERSION:
         raise CheckpointError(f"{reader.file}: invalid legacy protocol version {version!r}")
@@ -1179,7 +1276,10 @@ def _legacy_keys(reader: _Reader, stream) -> list:
     if not isinstance(keys, list):
         raise CheckpointError(f"{reader.file}: the storage key list is missing or malformed")
     for key in keys:
-        if key not in reader.storages or reader.info_of[id(reader.storages[key])].parent is not None:
+        if (
+            key not in reader.storages
+            or reader.info_of[id(reader.storages[key])].parent is not None
+        ):
             raise CheckpointError(f"{reader.file}: storage {key!r} is listed but never used")
     return keys
 
@@ -1279,8 +1379,9 @@ def _read_tar(tar: tarfile.TarFile, reader: _Reader, factory: _LegacyArrays, fil
         storage = objects[storage_id]
         size, stride, offset = tar_tensor_geometry(tensors)
         info = reader.info_of[id(storage)]
-        objects[key] = reader._tensor(storage, info.dtype or _UINT8, offset, size, stride,
-                                      "tar tensor")
+        objects[key] = reader._tensor(
+            storage, info.dtype or _UINT8, offset, size, stride, "tar tensor"
+        )
 
     def persistent_load(saved_id):
         if isinstance(saved_id, tuple):
@@ -1337,7 +1438,9 @@ class CheckpointStructure:
             if count == 0:
                 raw = np.empty(0, np.uint8)
             elif mapping is not None and not info.compressed:
-                raw = np.frombuffer(mapping, np.uint8, count=count, offset=info.data_offset + start).copy()
+                raw = np.frombuffer(
+                    mapping, np.uint8, count=count, offset=info.data_offset + start
+                ).copy()
             else:
                 raw = np.frombuffer(archive.read_buffer(info.record), np.uint8)[start:stop].copy()
         elif self.kind == "legacy":
@@ -1348,7 +1451,9 @@ class CheckpointStructure:
                 if stream.readinto(memoryview(raw)) != count:
                     raise CheckpointError(f"{self.file}: storage {info.key!r} is truncated")
         else:
-            raise CheckpointError(f"{self.file}: reading tensors of the tar format lazily is not supported")
+            raise CheckpointError(
+                f"{self.file}: reading tensors of the tar format lazily is not supported"
+            )
         if self.swap and t.dtype.swap_size > 1 and count:
             _native.byteswap(raw, t.dtype.swap_size)
         return raw, first
@@ -1359,8 +1464,9 @@ class CheckpointStructure:
         return _as_array(raw, t.dtype, t.storage_offset - first, t.shape, t.stride, self.file)
 
 
-def read_structure(f, *, mode: str = "strict", collect: bool = False, mmap: bool = False,
-                   encoding: str = "utf-8") -> CheckpointStructure:
+def read_structure(
+    f, *, mode: str = "strict", collect: bool = False, mmap: bool = False, encoding: str = "utf-8"
+) -> CheckpointStructure:
     """Parses a checkpoint's pickle and storage layout without reading tensor data.
 
     ``mode``: ``"strict"`` refuses globals outside the weights-only allow-list;
@@ -1405,8 +1511,9 @@ def _structure_zip(s: CheckpointStructure, mode: str, problems, encoding: str) -
 
 def _structure_legacy(s: CheckpointStructure, mode: str, problems, encoding: str) -> None:
     stream = s.opened.stream
-    reader = _Reader(s.file, mode, _MetaFactory(None, s.file, problems), encoding, problems,
-                     unscanned=True)
+    reader = _Reader(
+        s.file, mode, _MetaFactory(None, s.file, problems), encoding, problems, unscanned=True
+    )
     _legacy_header(reader, stream)
     start = stream.tell()
     head = stream.read(2)
@@ -1468,7 +1575,9 @@ def iter_leaves(obj, prefix: str = "") -> Iterator[tuple[str, Any]]:
                 children = [(_join(name, f"args.{i}"), v) for i, v in enumerate(value.args)]
                 state = value.state
                 if isinstance(state, tuple) and len(state) == 2 and isinstance(state[1], dict):
-                    state = {**(state[0] or {}), **state[1]} if isinstance(state[0], dict) else state[1]
+                    state = (
+                        {**(state[0] or {}), **state[1]} if isinstance(state[0], dict) else state[1]
+                    )
                 if isinstance(state, dict):
                     children += [(_join(name, k), v) for k, v in state.items()]
                 elif state is not None:
@@ -1528,11 +1637,21 @@ def _torch_global_name(obj) -> tuple[str, str]:
 # those (memoized, so each written once) opcodes are renamed to torch's afterwards.
 _PLACEHOLDER_TYPES = (_TorchGlobal, TorchDType, _StorageType, _TorchName)
 _PLACEHOLDERS: dict[int, tuple[str, bytes, bytes]] = {}
-for _i, _obj in enumerate([
-    _REBUILD_V2, _REBUILD_V3, _DEVICE_GLOBAL, _UNTYPED, _TENSOR, _PARAMETER,
-    *DTYPES.values(), *_STORAGE_MARKERS.values(), *_LAYOUTS.values(), *_QSCHEMES.values(),
-    *_TENSOR_CLASSES.values(),
-]):
+for _i, _obj in enumerate(
+    [
+        _REBUILD_V2,
+        _REBUILD_V3,
+        _DEVICE_GLOBAL,
+        _UNTYPED,
+        _TENSOR,
+        _PARAMETER,
+        *DTYPES.values(),
+        *_STORAGE_MARKERS.values(),
+        *_LAYOUTS.values(),
+        *_QSCHEMES.values(),
+        *_TENSOR_CLASSES.values(),
+    ]
+):
     _module, _name = _torch_global_name(_obj)
     globals()[f"_tg{_i}"] = _obj
     _PLACEHOLDERS[id(_obj)] = (
@@ -1670,13 +1789,22 @@ class _SaveState:
 
     def reduce_array(self, arr: np.ndarray):
         if isinstance(arr, np.ma.MaskedArray):
-            raise TypeError("masked arrays cannot be saved as tensors; save .data and .mask separately")
+            raise TypeError(
+                "masked arrays cannot be saved as tensors; save .data and .mask separately"
+            )
         dtype = torch_dtype_for(arr.dtype)
         placed = self._place_shared(arr, dtype)
         if placed is None:
             placed = self._place_private(arr, dtype)
         ref, offset, stride = placed
-        args = (ref, offset, tuple(int(n) for n in arr.shape), stride, False, collections.OrderedDict())
+        args = (
+            ref,
+            offset,
+            tuple(int(n) for n in arr.shape),
+            stride,
+            False,
+            collections.OrderedDict(),
+        )
         if dtype.storage_name is None:
             return (_REBUILD_V3, (*args, dtype))
         return (_REBUILD_V2, args)
@@ -1818,7 +1946,9 @@ def _save(obj, f, *, fsync: bool = True, progress: Callable[[int], None] | None 
     elif hasattr(f, "write"):
         writer = _native.ArchiveWriter(f, "archive", durable=fsync)
     else:
-        raise TypeError(f"expected a path or a file-like object with write(), got {type(f).__name__}")
+        raise TypeError(
+            f"expected a path or a file-like object with write(), got {type(f).__name__}"
+        )
     _write_checkpoint(
         writer,
         data,

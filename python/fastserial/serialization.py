@@ -173,8 +173,12 @@ def load(
             loader.staging = stage_through_mapping
             return loader.load()
         if opened.kind == "tar":
-            return legacy.load_tar(opened, map_location, pickle_module, weights_only, pickle_load_args)
-        return legacy.load_legacy(opened, map_location, pickle_module, weights_only, pickle_load_args)
+            return legacy.load_tar(
+                opened, map_location, pickle_module, weights_only, pickle_load_args
+            )
+        return legacy.load_legacy(
+            opened, map_location, pickle_module, weights_only, pickle_load_args
+        )
     finally:
         opened.close()
 
@@ -251,7 +255,9 @@ def save(
     skip_data = _skip_data()
     if not _use_new_zipfile_serialization:
         if skip_data:
-            raise RuntimeError("Cannot use skip_data=True with _use_new_zipfile_serialization=False")
+            raise RuntimeError(
+                "Cannot use skip_data=True with _use_new_zipfile_serialization=False"
+            )
         return legacy.save_legacy(obj, f, pickle_module, pickle_protocol, fsync=fsync)
     target: Any
     if _is_path(f):

@@ -485,7 +485,8 @@ def test_big_endian_copy_reads_back_in_torch_for_typed_storages():
     big = to_big_endian(original)
     _, records = read_records(big)
     assert records["byteorder"] == b"big"
-    assert list(records)[:4] == ["data.pkl", ".format_version", ".storage_alignment", "byteorder"]
+    head = list(records)[: list(records).index("byteorder") + 1]
+    assert head[0] == "data.pkl" and set(head[1:-1]) <= {".format_version", ".storage_alignment"}
     assert records["data/0"] != read_records(original)[1]["data/0"]
     assert_same(torch.load(io.BytesIO(big)), obj)
     assert "byteorder" not in read_records(to_big_endian(original, byteorder_record=False))[1]

@@ -603,6 +603,8 @@ def test_claims_that_do_not_match_the_archive_raise_checkpoint_error(case, varia
         fastserial.load(path, **LOAD_VARIANTS[variant])
     if case.startswith("numel") and variant in ("mmap", "meta"):
         return  # torch 2.13 does not check record sizes when mapping or on meta
+    if case.startswith("numel") and not hasattr(torch.serialization, "_get_storage_alignment"):
+        return  # torch 2.6 does not check record sizes at all (it reads past them)
     with pytest.raises(RuntimeError):  # torch refuses these too (with less precise errors)
         torch.load(path, **LOAD_VARIANTS[variant])
 

@@ -666,6 +666,7 @@ class _ZipLoader:
         self.factory = None
         #: persistent ids in the pickle (the scan's count): bounds the prefetch
         self.persistent_ids = 0
+        self.builds_like_torch = False
         #: stand-ins for globals that may read tensor data, by id of the global
         self._guards: dict[int, _LazyGuard] = {}
         #: which unpickler ran the pickle (or was running when the load failed):
@@ -730,6 +731,9 @@ class _ZipLoader:
             )
         self.swap = self._byteorder() != sys.byteorder
         self.persistent_ids = scan["persistent_ids"]
+        # BUILD under weights_only follows torch's safe unpickler (set_ on a tensor,
+        # refusal on types not allowed), which only a Python-level unpickler can do.
+        self.builds_like_torch = self.weights_only and scan.get("builds", 0) > 0
         globals_used = {
             "{}.{}".format(*_canonical_global(m, n, scan["protocol"])) for m, n in scan["globals"]
         }
@@ -775,7 +779,7 @@ class _ZipLoader:
         self.storages: dict[str, Any] = {}
         self.factory = self._make_factory() if lazy else None
         stream = io.BufferedReader(io.BytesIO(data), buffer_size=1 << 20)
-        unpickler = _unpickler_class(self.pickle_module)(
+        unpickler = _unpickler_class(self.pickle_module, torch_build=self.builds_like_torch and not lazy)(
             stream, loader=self, **self.pickle_load_args
         )
         unpickler.persistent_load = (
@@ -790,10 +794,14 @@ class _ZipLoader:
                     done, result = self.factory.unpickle(
                         data, *native, OrderedDict, scan["memo_read"]
                     )
+                    if not done and self.builds_like_torch:
+                        raise _Retry()  # a BUILD the native run left: torch's semantics
                     if not done:  # start over with the ordinary unpickler
                         self.factory = self._make_factory()
                         unpickler.persistent_load = self.factory.persistent_load
                 self.unpickler_used = "native" if done else "python"
+                if not done and lazy and self.builds_like_torch:
+                    raise _Retry()
                 if not done:
                     result = unpickler.load()
         except (_Retry, CheckpointError, pickle.UnpicklingError, RecursionError, MemoryError):
@@ -1110,6 +1118,37 @@ class _ZipLoader:
             return override or verdict.obj
         return override
 
+    def torch_build(self, inst, state) -> None:
+        """BUILD as torch's weights-only unpickler does it: ``set_(*state)`` on a plain
+        tensor, ``__setstate__`` on a Parameter, attributes on an OrderedDict, and on
+        allowed types ``__setstate__`` or the pickle module's state update; any other
+        object is refused."""
+        torch = self.info.torch
+        kind = type(inst)
+        if kind is torch.Tensor:
+            inst.set_(*state)
+        elif kind is torch.nn.Parameter:
+            inst.__setstate__(state)
+        elif kind is OrderedDict:
+            inst.__dict__.update(state)
+        elif _safe.is_allowed_object(kind):
+            if hasattr(inst, "__setstate__"):
+                inst.__setstate__(state)
+                return
+            slotstate = None
+            if isinstance(state, tuple) and len(state) == 2:
+                state, slotstate = state
+            if state:
+                inst.__dict__.update(state)
+            if slotstate:
+                for k, v in slotstate.items():
+                    setattr(inst, k, v)
+        else:
+            raise _unpickling_error(
+                f"{self.file}: weights-only load can only BUILD a Tensor, a Parameter, an "
+                f"OrderedDict or an allowed type, not {kind.__module__}.{kind.__qualname__}"
+            )
+
     def _guard(self, obj):
         """The one ``_LazyGuard`` of ``obj`` for this load."""
         guard = self._guards.get(id(obj))
@@ -1275,17 +1314,19 @@ _unpickler_classes: dict = {}
 _unpickler_lock = threading.Lock()
 
 
-def _unpickler_class(pickle_module):
+def _unpickler_class(pickle_module, torch_build: bool = False):
     """An Unpickler subclass of ``pickle_module.Unpickler`` that asks the loader for
-    every global (cached per pickle module)."""
+    every global (cached per pickle module). ``torch_build``: Python's pure unpickler,
+    whose BUILD is the loader's ``torch_build`` (torch's weights-only semantics)."""
     module = pickle_module if pickle_module is not None else pickle
+    key = (module, torch_build)
     try:
-        cls = _unpickler_classes.get(module)
+        cls = _unpickler_classes.get(key)
     except TypeError:  # an unhashable pickle module: build the class uncached
         cls = None
     if cls is not None:
         return cls
-    base = module.Unpickler
+    base = pickle._Unpickler if torch_build else module.Unpickler
 
     class Unpickler(base):  # type: ignore[misc,valid-type]
         def __init__(self, file, *, loader, **kwargs):
@@ -1300,9 +1341,17 @@ def _unpickler_class(pickle_module):
                 found = super().find_class(_MODULE_RENAMES.get(module_name, module_name), name)
             return self._loader.guarded(module_name, name, proto, self._fix_imports, found)
 
+    if torch_build:
+
+        def load_build(self):
+            state = self.stack.pop()
+            self._loader.torch_build(self.stack[-1], state)
+
+        Unpickler.dispatch = {**pickle._Unpickler.dispatch, pickle.BUILD[0]: load_build}
+
     with _unpickler_lock:
         try:
-            _unpickler_classes[module] = Unpickler
+            _unpickler_classes[key] = Unpickler
         except TypeError:
             pass
     return Unpickler
@@ -1529,11 +1578,28 @@ def _write_checkpoint(
         raise
 
 
-def _write_storages(writer, helper) -> None:
+def _write_storages(writer, helper, sorted_keys: bool = False) -> None:
     """CPU storages go to the writer straight from their memory, many per native call,
     each read as it is at write time; a device storage is copied to the CPU on its
-    own, so at most one is staged."""
-    for step in helper.write_plan():
+    own, so at most one is staged. ``sorted_keys``: records in the order of their keys
+    as strings (torch 2.6's order) instead of the keys' order."""
+    plan = helper.write_plan()
+    if sorted_keys:
+        items = [
+            (record, untyped, isinstance(step, list))
+            for step in plan
+            for record, untyped in (step if isinstance(step, list) else [step])
+        ]
+        items.sort(key=lambda item: item[0])
+        plan = []
+        for record, untyped, on_cpu in items:
+            if not on_cpu:
+                plan.append((record, untyped))
+            elif plan and isinstance(plan[-1], list):
+                plan[-1].append((record, untyped))
+            else:
+                plan.append([(record, untyped)])
+    for step in plan:
         if isinstance(step, list):
             helper.write_storages(writer, step)
             continue

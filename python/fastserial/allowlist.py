@@ -212,6 +212,18 @@ def verdict(module: str, name: str) -> Verdict:
     return Verdict(False, False)
 
 
+def is_allowed_object(obj) -> bool:
+    """Whether ``obj`` is one of the objects the allow-list maps names to (torch's
+    test for what BUILD may act on)."""
+    wou = _torch_serialization_state()
+    if wou is not None:
+        return any(obj is v for v in wou._get_allowed_globals().values()) or any(
+            obj is v for v in _torch_user_globals(wou).values()
+        )
+    with _lock:
+        return any(obj is v for v in _user_globals_by_name(_own).values())
+
+
 def _torch_user_globals(wou) -> dict[str, Any]:
     getter = getattr(wou, "_get_user_allowed_globals", None)
     if getter is not None:

@@ -286,15 +286,18 @@ def save(
 
     if skip_data:
         helper = _SkipData(helper)
+    # torch >= 2.7 writes .format_version / .storage_alignment and its storages in
+    # key order; torch 2.6 neither, and its storages sorted as strings ("10" < "2").
+    newer_layout = _torch_writes_format_records()
     writer = _native.ArchiveWriter(target, prefix, atomic=atomic, durable=fsync)
     try:
         _write_checkpoint(
             writer,
             pickled,
-            lambda: _write_storages(writer, helper),
+            lambda: _write_storages(writer, helper, sorted_keys=not newer_layout),
             byteorder=not _disable_byteorder_record,
             fsync=fsync,
-            format_records=_torch_writes_format_records(),
+            format_records=newer_layout,
         )
     finally:
         pickled.release()

@@ -57,6 +57,8 @@ pub struct PickleScan {
     pub globals: Vec<(String, String)>,
     /// Number of persistent-id opcodes (one per storage reference).
     pub persistent_ids: usize,
+    /// Number of BUILD opcodes (a weights-only load gives them torch's semantics).
+    pub builds: usize,
     /// A persistent id was memoized or duplicated: it can be reached twice.
     pub persistent_id_reused: bool,
     /// The protocol from the PROTO opcode (0 or 1 when absent).
@@ -328,6 +330,7 @@ pub fn scan(data: &[u8]) -> Result<PickleScan> {
             }
             b'b' => {
                 pop!();
+                out.builds += 1;
                 mutation_target(&mut out, &stack, "BUILD", op_pos);
             }
             b'S' => {

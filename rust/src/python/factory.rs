@@ -33,6 +33,8 @@ use crate::container::reader::{Compression, ReadJob};
 /// A storage the pickle named, whose memory is created with its first tensor.
 pub struct Slot {
     record: usize,
+    /// The storage class the persistent id named, and the dtype it stands for.
+    storage_type: Py<PyAny>,
     dtype: Py<PyAny>,
     nbytes: usize,
     /// Byte-swap width (0: none); fixed by the first tensor's dtype.
@@ -50,6 +52,21 @@ impl Slot {
     fn has_memory(&self) -> bool {
         self.storage.is_some() || self.first.is_some()
     }
+    /// Whether a persistent id naming this slot's key with `storage_type` is this
+    /// slot: the storage class is the same object (the common case, and cheap).
+    pub(crate) fn is_of_type(&self, storage_type: &Bound<'_, PyAny>) -> bool {
+        storage_type.is(&self.storage_type)
+    }
+}
+
+/// What a key met again under another storage class stands for (`TensorFactory::retyped`).
+pub(crate) enum Retyped {
+    /// The same dtype (UntypedStorage and ByteStorage, say): the slot itself.
+    Same,
+    /// A slot of the new dtype over the same storage.
+    Shared(Slot),
+    /// The Python loader decides (it raises the precise error).
+    Python,
 }
 
 /// A `Slot` as a Python object, for Python's unpickler.
@@ -119,8 +136,9 @@ pub struct TensorFactory {
     archive: Py<PyArchive>,
     /// Reused to spell `data/KEY` when looking a storage's record up.
     name_buf: String,
-    /// Pending storages handed to Python's unpickler, by key.
-    slots: FxHashMap<Box<str>, Py<PyAny>>,
+    /// Pending storages handed to Python's unpickler, by key, with the storage
+    /// class their persistent id named.
+    slots: FxHashMap<Box<str>, (Py<PyAny>, Py<PyAny>)>,
     /// Reads queued until `finish`, each with what keeps its memory alive.
     jobs: Vec<Fill>,
     /// The first tensor made for each layout ([dtype, ndim, sizes.., strides..]).
@@ -388,6 +406,7 @@ impl TensorFactory {
         }
         let slot = Slot {
             record,
+            storage_type: storage_type.clone().unbind(),
             dtype,
             nbytes: size as usize,
             swap: if self.swap { info.swap_size } else { 0 },
@@ -395,6 +414,43 @@ impl TensorFactory {
             first: None,
         };
         Ok(Some(slot))
+    }
+
+    /// A key met again with `storage_type`, another class than its slot's: as
+    /// `torch.load`, a storage of the new dtype over the same memory when the two
+    /// agree on the length in bytes (the slot's, which is its record's), else the
+    /// Python loader's answer (a storage of its own, or the precise error).
+    /// `torch.save` writes such ids only for storages without data.
+    pub(crate) fn retyped(
+        &mut self,
+        py: Python<'_>,
+        first: &mut Slot,
+        storage_type: &Bound<'_, PyAny>,
+        numel: u64,
+    ) -> PyResult<Retyped> {
+        let Some(dtype) = self.storage_dtype(py, storage_type)? else {
+            return Ok(Retyped::Python);
+        };
+        if dtype.is(&first.dtype) {
+            return Ok(Retyped::Same);
+        }
+        let info = self
+            .dtype_info(py, dtype.bind(py))?
+            .expect("checked by storage_dtype");
+        if numel.checked_mul(info.itemsize as u64) != Some(first.nbytes as u64) {
+            return Ok(Retyped::Python);
+        }
+        let storage = self.storage_of(py, first)?;
+        Ok(Retyped::Shared(Slot {
+            record: first.record,
+            storage_type: storage_type.clone().unbind(),
+            dtype,
+            nbytes: first.nbytes,
+            // The bytes were swapped (or not) by the first slot's dtype, as torch does.
+            swap: first.swap,
+            storage: Some(storage),
+            first: None,
+        }))
     }
 
     /// The index of record `data/KEY`, which identifies a storage within this load.
@@ -887,8 +943,25 @@ impl TensorFactory {
         }
         let key_obj = t.get_item(2)?;
         if let Ok(key) = key_obj.downcast::<PyString>() {
-            if let Some(slot) = self.slots.get(key.to_str()?) {
+            if let Some((slot, slot_type)) = self.slots.get(key.to_str()?) {
                 let slot = slot.clone_ref(py);
+                let storage_type = t.get_item(1)?;
+                if !storage_type.is(slot_type) {
+                    let pending = slot.bind(py).downcast::<PendingStorage>()?;
+                    let Ok(numel) = t.get_item(4)?.extract::<u64>() else {
+                        return Ok(None);
+                    };
+                    let retyped =
+                        self.retyped(py, &mut pending.borrow_mut().slot, &storage_type, numel)?;
+                    match retyped {
+                        Retyped::Same => {}
+                        Retyped::Shared(slot) => {
+                            self.produced += 1;
+                            return Ok(Some(Py::new(py, PendingStorage { slot })?.into_any()));
+                        }
+                        Retyped::Python => return Ok(None),
+                    }
+                }
                 self.produced += 1;
                 return Ok(Some(slot));
             }
@@ -899,8 +972,10 @@ impl TensorFactory {
             return Ok(None);
         };
         let key: Box<str> = key_obj.downcast::<PyString>()?.to_str()?.into();
+        let storage_type = items[1].clone().unbind();
         let pending = Py::new(py, PendingStorage { slot })?.into_any();
-        self.slots.insert(key, pending.clone_ref(py));
+        self.slots
+            .insert(key, (pending.clone_ref(py), storage_type));
         self.produced += 1;
         Ok(Some(pending))
     }

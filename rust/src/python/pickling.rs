@@ -372,6 +372,32 @@ struct PlainTensor<'py> {
 }
 
 impl SaveHelper {
+    /// The storage class and element count of the persistent id of a `dtype` tensor
+    /// over `untyped`: the legacy class `storage_class` and nbytes / itemsize, or
+    /// UntypedStorage and nbytes for dtypes without one (v3).
+    fn pid_type(
+        &self,
+        untyped: &Bound<'_, PyAny>,
+        dtype: &Bound<'_, PyAny>,
+        storage_class: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<(Py<PyAny>, usize)> {
+        let py = untyped.py();
+        let nbytes: usize = untyped.call_method0(intern!(py, "nbytes"))?.extract()?;
+        Ok(match storage_class {
+            Some(cls) => {
+                let size: usize = self
+                    .itemsize
+                    .bind(py)
+                    .get_item(dtype)?
+                    .map(|v| v.extract())
+                    .transpose()?
+                    .unwrap_or(1);
+                (cls.clone().unbind(), nbytes / size.max(1))
+            }
+            None => (self.untyped_cls.clone_ref(py), nbytes),
+        })
+    }
+
     /// A plain tensor's reduction parts (registering its storage), or `None` when
     /// `obj` is not a plain dense tensor without Python state or hooks: the
     /// conditions of `Tensor.__reduce_ex__`'s own fast path.
@@ -400,23 +426,37 @@ impl SaveHelper {
         let address: usize = untyped.call_method0(intern!(py, "data_ptr"))?.extract()?;
         self.check_dtype(py, address, &dtype)?;
         let r = match existing {
-            Some(r) => r,
+            Some(r) => {
+                let pid = r.get().pid.bind(py);
+                let same_type = match &storage_class {
+                    Some(cls) => pid.get_item(1)?.is(cls),
+                    None => pid.get_item(1)?.is(self.untyped_cls.bind(py)),
+                };
+                if same_type {
+                    r
+                } else {
+                    // The storage met again under another dtype (torch.save allows that
+                    // only for storages without data, checked above): torch writes a
+                    // persistent id per view, with this dtype's storage class and numel
+                    // under the same key and location.
+                    let (cls, numel) = self.pid_type(&untyped, &dtype, storage_class.as_ref())?;
+                    let pid = PyTuple::new(
+                        py,
+                        [
+                            self.storage_tag.clone_ref(py).into_any(),
+                            cls,
+                            pid.get_item(2)?.unbind(),
+                            pid.get_item(3)?.unbind(),
+                            numel.into_pyobject(py)?.into_any().unbind(),
+                        ],
+                    )?
+                    .unbind();
+                    Py::new(py, StorageRef { pid })?
+                }
+            }
             None => {
                 let key = PyString::new(py, &self.storages.len().to_string());
-                let nbytes: usize = untyped.call_method0(intern!(py, "nbytes"))?.extract()?;
-                let (cls, numel) = match &storage_class {
-                    Some(cls) => {
-                        let size: usize = self
-                            .itemsize
-                            .bind(py)
-                            .get_item(&dtype)?
-                            .map(|v| v.extract())
-                            .transpose()?
-                            .unwrap_or(1);
-                        (cls.clone().unbind(), nbytes / size.max(1))
-                    }
-                    None => (self.untyped_cls.clone_ref(py), nbytes),
-                };
+                let (cls, numel) = self.pid_type(&untyped, &dtype, storage_class.as_ref())?;
                 let location = self.location(py, &untyped, on_cpu)?;
                 let pid = PyTuple::new(
                     py,

@@ -26,7 +26,7 @@ use pyo3::types::{PyBytes, PyDict, PyFloat, PyList, PyString, PyTuple};
 use rustc_hash::FxHashMap;
 
 use super::errors::CheckpointError;
-use super::factory::{text_of, Extras, Slot, TensorFactory, View};
+use super::factory::{text_of, Extras, Retyped, Slot, TensorFactory, View};
 use crate::pickle::op;
 
 /// The tensor rebuild functions, which run natively and so have no object here.
@@ -683,7 +683,20 @@ impl<'py, 'a> Machine<'py, 'a> {
             self.slot_of_record = vec![u32::MAX; factory.record_count()];
         }
         if let Some(&i) = self.slot_of_record.get(record).filter(|&&i| i != u32::MAX) {
-            return Ok(Some(i as usize));
+            let i = i as usize;
+            if self.slots[i].is_of_type(&storage_type) {
+                return Ok(Some(i));
+            }
+            // The key met again under another storage class (an empty storage viewed
+            // with two dtypes): what torch.load hands back (`TensorFactory::retyped`).
+            return match factory.retyped(py, &mut self.slots[i], &storage_type, numel)? {
+                Retyped::Same => Ok(Some(i)),
+                Retyped::Shared(slot) => {
+                    self.slots.push(slot);
+                    Ok(Some(self.slots.len() - 1))
+                }
+                Retyped::Python => Ok(None),
+            };
         }
         let Some(slot) = factory.slot_for(py, &storage_type, cpu, numel, record)? else {
             return Ok(None);

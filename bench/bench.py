@@ -41,9 +41,6 @@ from _common import (
     check_tmpdir,
     data_bytes,
     emit_report,
-    fmt_ratio,
-    fmt_size,
-    fmt_time,
     iter_tensors,
     log,
     meta_lines,
@@ -62,6 +59,7 @@ from _common import (
     warm_file,
     workload_shapes,
 )
+from _fmt import fmt_ratio, fmt_size, fmt_time  # the formatting report.py uses too
 
 OPS = ("save", "load", "mmap", "mmap_touch", "load_other", "raw", "memory")
 TIME_OPS = ("save", "save_durable", "load", "mmap", "mmap_touch", "load_other")
@@ -611,6 +609,19 @@ def render_report(results, meta, libs, args, markdown):
     return "\n".join(out)
 
 
+def write_chart_and_hint(json_path):
+    """The chart of the run (report.py), beside its JSON, and how to put it in the README."""
+    from report import write_chart
+
+    try:
+        svg = write_chart(json_path)
+    except Exception as e:  # the results are written; a chart bug must not hide them
+        log(f"!! chart not written: {type(e).__name__}: {e}")
+        return
+    log(f"chart written to {svg}")
+    log(f"README table and chart: python bench/report.py {json_path} --readme README.md")
+
+
 def main(argv=None):
     args = parse_args(argv)
     t0 = time.perf_counter()
@@ -656,6 +667,7 @@ def main(argv=None):
                 indent=2,
             )
         log(f"json written to {args.json}")
+        write_chart_and_hint(args.json)
     log(f"total time {meta['total_elapsed_s']:.1f} s")
     return 0
 

@@ -779,9 +779,9 @@ class _ZipLoader:
         self.storages: dict[str, Any] = {}
         self.factory = self._make_factory() if lazy else None
         stream = io.BufferedReader(io.BytesIO(data), buffer_size=1 << 20)
-        unpickler = _unpickler_class(self.pickle_module, torch_build=self.builds_like_torch and not lazy)(
-            stream, loader=self, **self.pickle_load_args
-        )
+        unpickler = _unpickler_class(
+            self.pickle_module, torch_build=self.builds_like_torch and not lazy
+        )(stream, loader=self, **self.pickle_load_args)
         unpickler.persistent_load = (
             self.factory.persistent_load if self.factory is not None else self.persistent_load
         )

@@ -82,3 +82,9 @@ def test_stub_signatures_match_the_runtime():
             assert _stub_params(fn) == runtime, f"{node.name}.{fn.name}"
             checked += 1
     assert checked >= 20, checked
+
+
+def test_the_native_module_is_built_for_the_stable_abi():
+    """One wheel for every CPython >= 3.11: the module is built with pyo3's abi3
+    feature (``maturin build --release`` then makes a ``cp311-abi3`` wheel)."""
+    assert pathlib.Path(native.__file__).name.endswith(".abi3.so"), native.__file__

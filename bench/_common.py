@@ -23,10 +23,7 @@ import time
 import traceback
 
 import torch
-
-KiB = 1 << 10
-MiB = 1 << 20
-GiB = 1 << 30
+from _fmt import GiB, KiB, MiB, fmt_ratio, fmt_size, fmt_time  # noqa: F401 - re-exported
 
 ALL_LIBS = ("torch", "safetensors", "fastserial")
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -527,32 +524,6 @@ def parse_size(s: str) -> int:
             mult, s = m, s[: -len(suf)]
             break
     return int(float(s) * mult)
-
-
-def fmt_size(n: float) -> str:
-    if n >= GiB:
-        return f"{n / GiB:.2f} GiB"
-    if n >= MiB:
-        return f"{n / MiB:.1f} MiB"
-    if n >= KiB:
-        return f"{n / KiB:.1f} KiB"
-    return f"{int(n)} B"
-
-
-def fmt_time(s) -> str:
-    if s is None:
-        return "-"
-    if s >= 1.0:
-        return f"{s:.3f} s"
-    if s >= 1e-3:
-        return f"{s * 1e3:.1f} ms"
-    return f"{s * 1e6:.0f} us"
-
-
-def fmt_ratio(a, b) -> str:
-    if a is None or b is None or b <= 0 or a < 0:
-        return "-"
-    return f"{a / b:.2f}x"
 
 
 def check_tmpdir(path, need_bytes) -> dict:

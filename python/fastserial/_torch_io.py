@@ -888,11 +888,8 @@ class _ZipLoader:
             # The references disagree on the record's length: this one gets a storage
             # of its own (checked against the record below), as in torch.load.
         info = self.info
-        if self._is_untyped(storage_type):
-            dtype = info.uint8
-        elif type(storage_type) is _StorageType:
-            dtype = storage_type.dtype
-        else:
+        dtype = self._storage_dtype(storage_type)
+        if dtype is None:
             raise _unpickling_error(
                 f"{self.file}: persistent id names {storage_type!r}, which is not a storage type"
             )
@@ -924,11 +921,8 @@ class _ZipLoader:
         ``entry``), a storage of the new dtype over the same bytes when the lengths
         agree, False when they do not (the reference needs a storage of its own)."""
         info = self.info
-        if self._is_untyped(storage_type):
-            dtype = info.uint8
-        elif type(storage_type) is _StorageType:
-            dtype = storage_type.dtype
-        else:
+        dtype = self._storage_dtype(storage_type)
+        if dtype is None:
             return None  # not a storage type: the caller's checks refuse it
         if dtype == entry.dtype or type(numel) is not int:
             return None
@@ -1156,6 +1150,15 @@ class _ZipLoader:
             guard = self._guards[id(obj)] = _LazyGuard(obj)
         return guard
 
+    def _storage_dtype(self, storage_type):
+        """The dtype a persistent id's storage class stands for; None for anything
+        that is not a storage class."""
+        if self._is_untyped(storage_type):
+            return self.info.uint8
+        if type(storage_type) is _StorageType:
+            return storage_type.dtype
+        return None
+
     def _is_untyped(self, storage_type) -> bool:
         untyped = self.info.UntypedStorage
         return storage_type is untyped or (
@@ -1378,23 +1381,23 @@ def _weights_only_default(weights_only, pickle_module) -> bool:
 # --------------------------------------------------------------------------- save
 
 
+def _storage_parts(obj) -> tuple:
+    """``(untyped storage, dtype, storage class to pickle, element count)`` of a
+    storage met directly by a save: what torch's ``persistent_id`` writes for it."""
+    info = _TorchInfo.get()
+    if isinstance(obj, info.TypedStorage):
+        storage_type = getattr(info.torch, obj._pickle_storage_type())
+        return obj._untyped_storage, obj.dtype, storage_type, obj._size()
+    return obj, info.uint8, info.UntypedStorage, obj.nbytes()
+
+
 def _save_helper():
     """The native pickler hooks for one save, with torch's persistent_id semantics for
     storages met directly (TypedStorage / UntypedStorage objects) defined here."""
     info = _TorchInfo.get()
-    torch = info.torch
 
     def pid_for_storage(obj):
-        if isinstance(obj, info.TypedStorage):
-            untyped = obj._untyped_storage
-            dtype = obj.dtype
-            storage_type = getattr(torch, obj._pickle_storage_type())
-            numel = obj._size()
-        else:
-            untyped = obj
-            dtype = info.uint8
-            storage_type = info.UntypedStorage
-            numel = untyped.nbytes()
+        untyped, dtype, storage_type, numel = _storage_parts(obj)
         key = helper.key_for(untyped, dtype, storage_type, numel)
         fake = getattr(obj, "_fake_device", None)
         location = str(fake) if fake is not None else _location.location_tag(untyped)

@@ -28,6 +28,7 @@ from ._torch_io import (
     _is_path,
     _Opened,
     _path_target,
+    _storage_parts,
     _StorageType,
     _TorchInfo,
     _unpickler_class,
@@ -400,16 +401,7 @@ def save_legacy(obj, f, pickle_module, pickle_protocol, fsync: bool = True) -> N
             containers.add(o)
             return ("module", o, None, None)
         if isinstance(o, info.TypedStorage) or type(o) in info.storage_classes:
-            if isinstance(o, info.TypedStorage):
-                storage = o._untyped_storage
-                dtype = o.dtype
-                storage_type = getattr(torch, o._pickle_storage_type())
-                numel = o._size()
-            else:
-                storage = o
-                dtype = info.uint8
-                storage_type = info.UntypedStorage
-                numel = storage.nbytes()
+            storage, dtype, storage_type, numel = _storage_parts(o)
             ptr = storage.data_ptr()
             if ptr != 0 and dtype_by_ptr.setdefault(ptr, dtype) != dtype:
                 raise RuntimeError(

@@ -659,6 +659,12 @@ def main(argv=None):
     meta["total_elapsed_s"] = time.perf_counter() - t0
 
     emit_report(render_report, results, meta, libs, args, log_written=log)
+    if not args.json:  # keep every run's full results, out of git's way
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        args.json = os.path.join(
+            os.path.dirname(os.path.abspath(__file__)), "results", "local", f"run-{stamp}.json"
+        )
+        os.makedirs(os.path.dirname(args.json), exist_ok=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(
@@ -668,7 +674,7 @@ def main(argv=None):
             )
         log(f"json written to {args.json}")
         write_chart_and_hint(args.json)
-    log(f"total time {meta['total_elapsed_s']:.1f} s")
+    log(f"total time {meta['total_elapsed_s']:.1f} s; full results in {args.json}")
     return 0
 
 

@@ -975,6 +975,13 @@ class _Reader:
 
     def rebuild_from_type_v2(self, func, new_type, args, state):
         if new_type is not _TENSOR and new_type is not _PARAMETER:
+            # Metadata front ends (inspect, verify) record it like other tensors they
+            # cannot build; the array front end refuses it.
+            made = self.factory.other_tensor(
+                "a tensor subclass", "torch._tensor._rebuild_from_type_v2", args
+            )
+            if made is not None:
+                return made
             raise UnsupportedTensorError(
                 f"{self.file}: the checkpoint holds a tensor subclass ({new_type!r}); "
                 "fastserial.numpy builds plain tensors only. Load this file with torch "

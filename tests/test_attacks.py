@@ -188,8 +188,28 @@ def _assert_bounded(res: dict, max_seconds: float | None = None) -> None:
         )
 
 
+def _torch_version() -> tuple[int, int]:
+    from importlib.metadata import version
+
+    major, minor = version("torch").split(".")[:2]
+    return int(major), int(minor)
+
+
+#: Cases whose reference is behaviour torch 2.7 introduced: torch 2.6 accepts nested
+#: tensors under weights_only (and returns invalid ones), and reads past a record that
+#: is shorter than its storage (so the saved files can only be compared by chance).
+_NEEDS_TORCH_2_7 = {
+    "nested_tensor_offsets_past_buffer",
+    "nested_tensor_negative_offset",
+    "save_shrink_big_storage",
+    "save_shrink_small_storage",
+}
+
+
 @pytest.mark.parametrize("name,mode", JOBS, ids=[f"{n}-{m}" for n, m in JOBS])
 def test_attack(name, mode, attack_reports):
+    if name in _NEEDS_TORCH_2_7 and _torch_version() < (2, 7):
+        pytest.skip("the reference behaviour is torch >= 2.7's")
     c = corpus.CASES[name]
     res = _assert_finished(_report(attack_reports, name, mode))
     check = c.check

@@ -83,9 +83,10 @@ def expected_torch_order(n_storages: int) -> list:
     # torch >= 2.7 writes .format_version and .storage_alignment; 2.6 does not.
     versioned = hasattr(torch.serialization, "_get_storage_alignment")
     format_records = [".format_version", ".storage_alignment"] if versioned else []
+    keys = [str(i) for i in range(n_storages)]  # 2.6 writes them sorted as strings
     return (
         ["data.pkl", *format_records, "byteorder"]
-        + [f"data/{i}" for i in range(n_storages)]
+        + [f"data/{k}" for k in (keys if versioned else sorted(keys))]
         + ["version", ".data/serialization_id"]
     )
 

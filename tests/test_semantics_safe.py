@@ -705,3 +705,47 @@ def test_quantized_view_outside_its_storage_raises_checkpoint_error(size, offset
     for weights_only in (True, False):
         with pytest.raises(fastserial.CheckpointError):
             fastserial.load(io.BytesIO(data), weights_only=weights_only)
+
+
+# --------------------------------------------------------------------------- the policy without torch
+
+
+@pytest.mark.skipif(
+    tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) != (2, 15),
+    reason="the names without torch are torch 2.15's allow-list",
+)
+def test_policy_without_torch_is_torch_2_15s_allow_list():
+    from fastserial.allowlist import DEFAULT_ALLOWED_NAMES
+    from torch._weights_only_unpickler import _get_allowed_globals
+
+    assert set(_get_allowed_globals()) == set(DEFAULT_ALLOWED_NAMES)
+
+
+def test_numpy_front_end_without_torch_refuses_what_torch_refuses(tmp_path):
+    """With torch not importable, the verdicts come from the same policy (torch 2.15's
+    names): frozenset is refused, set and OrderedDict are accepted."""
+    import subprocess
+    import sys
+
+    refused = tmp_path / "frozen.pt"
+    accepted = tmp_path / "set.pt"
+    torch.save({"f": frozenset({1}), "t": torch.ones(1)}, refused)
+    torch.save({"s": {1}, "o": collections.OrderedDict(a=1), "t": torch.ones(1)}, accepted)
+    code = f"""
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "torch":
+            raise ImportError("blocked")
+sys.meta_path.insert(0, Block())
+import pickle, fastserial.numpy as fsnp
+try:
+    fsnp.load({str(refused)!r})
+    print("frozenset loaded")
+except pickle.UnpicklingError:
+    print("frozenset refused")
+print(sorted(fsnp.load({str(accepted)!r})))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split("\n")[:2] == ["frozenset refused", "['o', 's', 't']"]

@@ -26,7 +26,10 @@ __all__ = [
     "safe_globals",
     "Verdict",
     "verdict",
+    "is_allowed_object",
+    "refusal_hint",
     "BLOCKED_MODULES",
+    "DEFAULT_ALLOWED_NAMES",
 ]
 
 SafeGlobal = Union[Callable, "tuple[Callable, str]"]
@@ -337,8 +340,3 @@ def refusal_hint(full: str) -> str:
         "the same list) or the safe_globals([...]) context manager, or load with "
         "weights_only=False (which runs arbitrary code from the file)."
     )
-
-
-def is_allowed(module: str, name: str) -> bool:
-    """``verdict(module, name).allowed``."""
-    return verdict(module, name).allowed

@@ -2,6 +2,7 @@
 //! reader and writer, the zero-copy buffers, the pickle scanner and a few kernels.
 
 mod buffers;
+mod builder;
 mod dlpack;
 mod errors;
 mod factory;

@@ -8,8 +8,8 @@
 //! Rust values until something needs them as Python objects (they live in arenas and
 //! values refer to them by index, so every reference to one memoized value gets the
 //! same object, and torch's habit of memoizing every tuple costs no allocation),
-//! storages are factory slots, and a rebuild reads its arguments straight from those
-//! values.
+//! storages are slots of the `TensorBuilder` it runs with (`builder.rs`), and a
+//! rebuild reads its arguments straight from those values.
 //!
 //! It implements a subset of pickle exactly as CPython's `_pickle` does, and gives up
 //! (`Outcome::Unsupported`) on anything outside it: an opcode it does not know, a
@@ -25,8 +25,8 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyFloat, PyList, PyString, PyTuple};
 use rustc_hash::FxHashMap;
 
+use super::builder::{text_of, Extras, Retyped, TensorBuilder, View};
 use super::errors::CheckpointError;
-use super::factory::{text_of, Extras, Retyped, Slot, TensorFactory, View};
 use crate::pickle::op;
 
 /// The tensor rebuild functions, which run natively and so have no object here.
@@ -134,10 +134,10 @@ impl<'a> Cursor<'a> {
     }
 }
 
-/// Runs the pickle `data`, building tensors with `factory`.
-pub fn run(
+/// Runs the pickle `data`, building storages and tensors with `builder`.
+pub(crate) fn run<B: TensorBuilder>(
     py: Python<'_>,
-    factory: &mut TensorFactory,
+    builder: &mut B,
     data: &[u8],
     globals: &Globals,
 ) -> PyResult<Outcome> {
@@ -160,7 +160,7 @@ pub fn run(
         slot_of_record: Vec::new(),
         globals,
     };
-    match m.run(factory) {
+    match m.run(builder) {
         Ok(Some(v)) => Ok(Outcome::Done(v)),
         Ok(None) => Ok(Outcome::Unsupported),
         // A checkpoint error (a view past its storage, say) is the same error the
@@ -177,7 +177,7 @@ pub fn run(
     }
 }
 
-struct Machine<'py, 'a> {
+struct Machine<'py, 'a, B: TensorBuilder> {
     py: Python<'py>,
     cur: Cursor<'a>,
     stack: Vec<Value>,
@@ -195,7 +195,7 @@ struct Machine<'py, 'a> {
     /// Scratch for `release`.
     released: Vec<Value>,
     ordered_dicts: Vec<OnceCell<Py<PyAny>>>,
-    slots: Vec<Slot>,
+    slots: Vec<B::Slot>,
     /// Record index -> index into `slots` (u32::MAX: none yet).
     slot_of_record: Vec<u32>,
     globals: &'a Globals,
@@ -218,7 +218,7 @@ macro_rules! need {
     };
 }
 
-impl<'py, 'a> Machine<'py, 'a> {
+impl<'py, 'a, B: TensorBuilder> Machine<'py, 'a, B> {
     /// The Python object for a value; `None` for values that have none (a storage or
     /// a rebuild function outside a rebuild), which ends the run.
     fn object(&self, v: &Value) -> PyResult<Option<Bound<'py, PyAny>>> {
@@ -456,7 +456,7 @@ impl<'py, 'a> Machine<'py, 'a> {
         Some(())
     }
 
-    fn run(&mut self, factory: &mut TensorFactory) -> PyResult<Option<Py<PyAny>>> {
+    fn run(&mut self, builder: &mut B) -> PyResult<Option<Py<PyAny>>> {
         let py = self.py;
         loop {
             let code = need!(self.cur.u8());
@@ -616,14 +616,14 @@ impl<'py, 'a> Machine<'py, 'a> {
                 }
                 op::BINPERSID => {
                     let pid = need!(self.pop());
-                    let slot = need!(self.storage(factory, &pid)?);
+                    let slot = need!(self.storage(builder, &pid)?);
                     self.release(pid);
                     self.stack.push(Value::Storage(slot));
                 }
                 op::REDUCE => {
                     let args = need!(self.pop());
                     let callable = need!(self.pop());
-                    let result = need!(self.reduce(factory, callable, args)?);
+                    let result = need!(self.reduce(builder, callable, args)?);
                     self.stack.push(result);
                 }
                 op::BUILD => {
@@ -648,10 +648,10 @@ impl<'py, 'a> Machine<'py, 'a> {
         }
     }
 
-    /// BINPERSID: the factory slot for `('storage', type, key, location, numel)`,
+    /// BINPERSID: the builder's slot for `('storage', type, key, location, numel)`,
     /// shared by every id with the same key (as torch's loader shares storages).
     /// The key and strings are read in place: no Python object is made for them.
-    fn storage(&mut self, factory: &mut TensorFactory, pid: &Value) -> PyResult<Option<usize>> {
+    fn storage(&mut self, builder: &mut B, pid: &Value) -> PyResult<Option<usize>> {
         let py = self.py;
         let Some(items) = self.items_of(pid) else {
             return Ok(None);
@@ -668,9 +668,9 @@ impl<'py, 'a> Machine<'py, 'a> {
             return Ok(None);
         };
         let record = match &items[2] {
-            Value::Str(i) => factory.record_of(need!(self.str_at(*i))),
+            Value::Str(i) => builder.record_of(need!(self.str_at(*i))),
             Value::Obj(o) => match o.bind(py).downcast::<PyString>() {
-                Ok(key) => factory.record_of(key.to_str()?),
+                Ok(key) => builder.record_of(key.to_str()?),
                 Err(_) => None,
             },
             _ => None,
@@ -680,16 +680,16 @@ impl<'py, 'a> Machine<'py, 'a> {
         };
         let storage_type = need!(self.object(&items[1])?);
         if self.slot_of_record.is_empty() {
-            self.slot_of_record = vec![u32::MAX; factory.record_count()];
+            self.slot_of_record = vec![u32::MAX; builder.record_count()];
         }
         if let Some(&i) = self.slot_of_record.get(record).filter(|&&i| i != u32::MAX) {
             let i = i as usize;
-            if self.slots[i].is_of_type(&storage_type) {
+            if builder.slot_has_type(&self.slots[i], &storage_type) {
                 return Ok(Some(i));
             }
             // The key met again under another storage class (an empty storage viewed
-            // with two dtypes): what torch.load hands back (`TensorFactory::retyped`).
-            return match factory.retyped(py, &mut self.slots[i], &storage_type, numel)? {
+            // with two dtypes): what torch.load hands back (`TensorBuilder::retyped`).
+            return match builder.retyped(py, &mut self.slots[i], &storage_type, numel)? {
                 Retyped::Same => Ok(Some(i)),
                 Retyped::Shared(slot) => {
                     self.slots.push(slot);
@@ -698,7 +698,7 @@ impl<'py, 'a> Machine<'py, 'a> {
                 Retyped::Python => Ok(None),
             };
         }
-        let Some(slot) = factory.slot_for(py, &storage_type, cpu, numel, record)? else {
+        let Some(slot) = builder.slot_for(py, &storage_type, cpu, numel, record)? else {
             return Ok(None);
         };
         self.slots.push(slot);
@@ -708,19 +708,14 @@ impl<'py, 'a> Machine<'py, 'a> {
 
     /// REDUCE: a tensor rebuild natively, `OrderedDict()` lazily, other callables
     /// (the caller's resolved globals) through Python.
-    fn reduce(
-        &mut self,
-        factory: &mut TensorFactory,
-        callable: Value,
-        args: Value,
-    ) -> PyResult<Option<Value>> {
+    fn reduce(&mut self, builder: &mut B, callable: Value, args: Value) -> PyResult<Option<Value>> {
         let py = self.py;
         match callable {
             Value::Native(kind) => {
                 let Value::Tuple(args) = args else {
                     return Ok(None);
                 };
-                let t = need!(self.rebuild(factory, kind, args)?);
+                let t = need!(self.rebuild(builder, kind, args)?);
                 self.release(Value::Tuple(args));
                 Ok(Some(Value::Obj(t)))
             }
@@ -740,10 +735,10 @@ impl<'py, 'a> Machine<'py, 'a> {
     }
 
     /// `_rebuild_tensor_v2(storage, offset, size, stride, requires_grad, hooks[, metadata])`
-    /// or v3 (with a dtype before the metadata), on a factory slot.
+    /// or v3 (with a dtype before the metadata), on a builder's slot.
     fn rebuild(
         &mut self,
-        factory: &mut TensorFactory,
+        builder: &mut B,
         kind: Native,
         args: usize,
     ) -> PyResult<Option<Py<PyAny>>> {
@@ -773,7 +768,7 @@ impl<'py, 'a> Machine<'py, 'a> {
         };
         let dtype = match kind {
             Native::RebuildV3 => need!(self.object(&a[6])?),
-            Native::RebuildV2 => self.slots[slot].dtype(self.py),
+            Native::RebuildV2 => builder.slot_dtype(self.py, &self.slots[slot]),
         };
         let metadata = match a.get(fixed) {
             Some(v) => Some(need!(self.object(v)?)),
@@ -789,7 +784,7 @@ impl<'py, 'a> Machine<'py, 'a> {
             hooks: hooks.as_ref(),
             metadata: metadata.as_ref(),
         };
-        factory.build(self.py, &mut self.slots[slot], &dtype, &view, &extras)
+        builder.build(self.py, &mut self.slots[slot], &dtype, &view, &extras)
     }
 
     /// A tuple of small ints (a size or stride) as a vector.

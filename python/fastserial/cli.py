@@ -2,7 +2,9 @@
 
 None of them needs torch, and none runs code from a checkpoint: ``inspect`` and
 ``verify`` parse the pickle with inert placeholders for anything outside the
-weights-only allow-list; ``convert`` loads weights-only.
+weights-only allow-list; ``convert`` loads weights-only. A TorchScript archive
+(``torch.jit.save``) is read the same way: its scripted modules are placeholders, its
+tensors are listed under their state-dict names, and its code is never read.
 
     fastserial inspect ckpt.pt [--json]
     fastserial convert ckpt.pt model.safetensors
@@ -146,7 +148,7 @@ def inspect_report(path: str) -> dict:
         report: dict[str, Any] = {
             "file": s.file,
             "size": os.path.getsize(path),
-            "format": s.kind,
+            "format": "torchscript" if s.torchscript else s.kind,
             "prefix": s.prefix,
             "byteorder": s.byteorder,
         }
@@ -162,11 +164,14 @@ def inspect_report(path: str) -> dict:
             "not_allowed_globals": refused,
             "unsafe_opcodes": unsafe_opcodes,
         }
-        report["weights_only"] = s.kind != "tar" and not refused and not unsafe_opcodes
+        # torch.load(weights_only=True) refuses every TorchScript archive.
+        report["weights_only"] = (
+            s.kind != "tar" and not s.torchscript and not refused and not unsafe_opcodes
+        )
         tensors, others, objects = [], [], []
         users: dict[Any, int] = {}
         if s.error is None:
-            for name, value in fsnp.iter_leaves(s.root):
+            for name, value in s.leaves():
                 if type(value) is fsnp.TensorInfo:
                     tensors.append((name or "<root>", value))
                     users[value.storage.key] = users.get(value.storage.key, 0) + 1
@@ -216,9 +221,20 @@ def inspect_report(path: str) -> dict:
                 "the pre-0.4 tar format builds its tensors only when loaded "
                 "(weights_only=False): inspect lists none"
             )
+        if s.torchscript:
+            report["notes"].append(_TORCHSCRIPT_NOTE)
         return report
     finally:
         s.close()
+
+
+#: What inspect says about a TorchScript archive.
+_TORCHSCRIPT_NOTE = (
+    "a TorchScript archive (torch.jit.save): torch.load(weights_only=True) refuses it, "
+    "and torch.jit.load runs its code; its tensors are listed under their state-dict "
+    "names (constants as CONSTANTS.c0, ...) without running anything, and "
+    "fastserial.numpy.load / fastserial.open read them without torch"
+)
 
 
 def _native_scan(s) -> dict:
@@ -421,6 +437,7 @@ _FORMATS = {
     "zip": "zip (torch >= 1.6)",
     "legacy": "legacy (torch < 1.6, _use_new_zipfile_serialization=False)",
     "tar": "tar (torch < 0.4)",
+    "torchscript": "TorchScript archive (torch.jit.save; zip)",
     "safetensors": "safetensors",
 }
 
@@ -441,10 +458,15 @@ def _print_report(r: dict, out: TextIO) -> None:
         if r["weights_only"]:
             out.write("weights-only: loadable (every global is on the allow-list)\n")
         else:
+            refused = p["not_allowed_globals"]
+            torchscript = r["format"] == "torchscript"
+            if torchscript:  # its own classes are named by the first reason
+                refused = [g for g in refused if not _fsnp()._is_torchscript_global(g)]
             why = [
-                f"globals outside the allow-list: {', '.join(p['not_allowed_globals'])}"
-                if p["not_allowed_globals"]
+                "a TorchScript archive, which torch.load refuses under weights_only=True"
+                if torchscript
                 else "",
+                f"globals outside the allow-list: {', '.join(refused)}" if refused else "",
                 f"opcodes {', '.join(p['unsafe_opcodes'])}" if p["unsafe_opcodes"] else "",
             ]
             reason = "; ".join(w for w in why if w) or "tar format"
@@ -579,11 +601,17 @@ def verify_checkpoint(path: str, progress: Progress | None = None) -> tuple[list
         else:
             problems += _verify_tar(path)
             notes.append("the tar format: checked the archive's members only")
-        tensors = sum(1 for _, v in fsnp.iter_leaves(s.root) if type(v) is fsnp.TensorInfo)
+        tensors = sum(1 for _, v in s.leaves() if type(v) is fsnp.TensorInfo)
         notes.append(
             f"{tensors} tensors in {len(s.storages)} storages checked against their bounds"
         )
         refused = [g for g in s.globals if not fsnp.is_allowed_global(*g.rsplit(".", 1))]
+        if s.torchscript:
+            notes.append(
+                "a TorchScript archive (torch.jit.save): torch.load(weights_only=True) "
+                "refuses it; its data.pkl and constants.pkl were read without running anything"
+            )
+            refused = [g for g in refused if not fsnp._is_torchscript_global(g)]
         if refused:
             notes.append(
                 "the pickle uses globals outside the weights-only allow-list "
@@ -654,7 +682,7 @@ def _read_torch_tensors(src: str, notes: list[str], progress_stream: TextIO):
         seen: dict[tuple, str] = {}
         storage_owner: dict[Any, str] = {}
         skipped: list[str] = []
-        for name, value in fsnp.iter_leaves(s.root):
+        for name, value in s.leaves():
             name = name or "tensor"
             if type(value) is fsnp.TensorInfo:
                 sig = (
@@ -798,6 +826,12 @@ def _cmd_convert(args, out: TextIO, err: TextIO) -> int:
     if not _is_safetensors(src) and not _is_safetensors(dst):
         # torch -> torch (legacy -> zip, big-endian -> native, ...): the whole structure.
         obj = fsnp.load(src, mmap=True)
+        if isinstance(obj, fsnp.Opaque):  # only a TorchScript archive's root is one
+            raise ValueError(
+                f"{src} is a TorchScript archive (torch.jit.save): its modules cannot be "
+                "saved as a checkpoint; convert it to .safetensors (its tensors, by "
+                "state-dict name) or read it with fastserial.numpy.load / fastserial.open"
+            )
         count = _save_with_progress(fsnp, obj, dst, err)
     elif _is_safetensors(dst):
         arrays = _read_torch_tensors(src, notes, err)

@@ -14,6 +14,12 @@ level must be a mapping; nested mappings and sequences are flattened with dots
 bytes the tensor spans (not the rest of a shared storage) into fresh memory, so
 tensors read separately never share memory, even when they shared a storage in the
 file.
+
+A TorchScript archive (``torch.jit.save``) opens too, without torch and without
+running its code: the keys are the dotted names of the tensors in its module tree, as
+``state_dict()`` names them (``"fc.weight"``, ``"layers.0.bias"``), plus the other
+tensor attributes TorchScript saved and its constants (``"CONSTANTS.c0"``); a tensor
+held by two attributes is listed under both names.
 """
 
 from __future__ import annotations
@@ -93,7 +99,9 @@ class LazyCheckpoint:
         self._structure = fsnp.read_structure(f, mode="strict", mmap=True, encoding=encoding)
         try:
             root = self._structure.root
-            if not isinstance(root, Mapping):
+            if not isinstance(root, Mapping) and not (
+                self._structure.torchscript and isinstance(root, fsnp.Opaque)
+            ):
                 raise TypeError(
                     f"{self._structure.file}: fastserial.open needs a checkpoint whose top level "
                     f"is a mapping (a state dict); this one holds a {type(root).__name__}. "
@@ -101,7 +109,7 @@ class LazyCheckpoint:
                 )
             self._tensors: dict[str, Any] = {}
             self._others: dict[str, Any] = {}
-            for name, value in fsnp.iter_leaves(root):
+            for name, value in self._structure.leaves():
                 if type(value) is fsnp.TensorInfo:
                     self._tensors.setdefault(name, value)
                 elif type(value) is fsnp.OtherTensorInfo:
@@ -130,8 +138,8 @@ class LazyCheckpoint:
 
     @property
     def format(self) -> str:
-        """``"zip"`` (torch >= 1.6) or ``"legacy"``."""
-        return self._structure.kind
+        """``"zip"`` (torch >= 1.6), ``"legacy"`` or ``"torchscript"`` (``torch.jit.save``)."""
+        return "torchscript" if self._structure.torchscript else self._structure.kind
 
     @property
     def byteorder(self) -> str:

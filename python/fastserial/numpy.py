@@ -34,6 +34,17 @@ the pickle is scanned natively first and unpickled by an unpickler that imports
 nothing outside an allow-list, so a malicious checkpoint raises
 ``pickle.UnpicklingError`` instead of running code. Quantized, sparse and nested
 tensors raise :class:`UnsupportedTensorError`.
+
+A TorchScript archive (``torch.jit.save``) loads too, without torch and without its
+code: ``load`` returns the object tree of its ``data.pkl``, every tensor an array as
+above, and every scripted module (a ``__torch__.*`` class) an inert :class:`Opaque`
+placeholder whose ``.state`` is the dict of the module's attributes (parameters,
+buffers, submodules, other attributes), so ``m.state["fc"].state["weight"]`` is the
+tensor torch calls ``fc.weight``; :func:`iter_leaves` gives those dotted names. The
+root placeholder's ``.constants`` holds the tensors of ``constants.pkl`` (the code's
+``CONSTANTS.c0``, ...) as a tuple. Nothing named ``__torch__`` is imported: the
+placeholder classes are made per load, the rest of the pickle is held to the same
+allow-list, and the archive's ``code/`` is never read.
 """
 
 from __future__ import annotations
@@ -405,6 +416,48 @@ _UNTYPED = _StorageType("UntypedStorage", None)
 _STORAGE_MARKERS = {name: _StorageType(name, d) for name, d in _STORAGE_TYPES.items()}
 
 
+def _c10_name(dtype: str) -> str:
+    """c10's name of a scalar type (``UInt16``, ``Float8_e4m3fn``, ``ComplexHalf``)."""
+    if dtype == "complex32":
+        return "ComplexHalf"
+    for prefix, c10 in (("uint", "UInt"), ("int", "Int"), ("bits", "Bits"), ("float", "Float")):
+        if dtype.startswith(prefix):
+            return c10 + dtype[len(prefix) :]
+    return dtype  # pragma: no cover - every dtype without a legacy storage class is above
+
+
+# TorchScript's pickler names a storage ``torch.<c10 name>Storage`` for every dtype:
+# the legacy classes for the classic ones, and names torch's Python never had
+# (``torch.UInt16Storage``, ``torch.Float8_e4m3fnStorage``) for the others. These are
+# accepted only inside a TorchScript archive.
+_TORCHSCRIPT_STORAGES = {
+    f"{_c10_name(d.name)}Storage": _StorageType(f"{_c10_name(d.name)}Storage", d)
+    for d in DTYPES.values()
+    if d.storage_name is None
+}
+
+
+def _returns_data(data):
+    return data
+
+
+def _restore_type_tag(value, type_str):
+    if not isinstance(type_str, str):
+        raise pickle.UnpicklingError(f"restore_type_tag with type {type_str!r}")
+    return value
+
+
+# The ``torch.jit._pickle`` functions TorchScript's pickler writes: torch's own
+# definitions return their first argument (the type tag only matters to TorchScript).
+_JIT_PICKLE = {
+    **{
+        name: _Callable(_returns_data, f"torch.jit._pickle.{name}")
+        for name in ("build_intlist", "build_tensorlist", "build_doublelist", "build_boollist")
+    },
+    "restore_type_tag": _Callable(_restore_type_tag, "torch.jit._pickle.restore_type_tag"),
+}
+
+
 def _codecs_encode(text, encoding="utf-8", errors="strict"):
     """Stand-in for ``_codecs.encode``, which protocol 2 uses to pickle bytes
     (``encode(text, 'latin1')``): text codecs only, never codecs.encode's others."""
@@ -544,10 +597,20 @@ class OtherTensorInfo:
 
 class Opaque:
     """An instance of a global outside the allow-list, in a never-executing parse
-    (``inspect``, ``verify``): it records what the pickle gave it and runs nothing."""
+    (``inspect``, ``verify``), or a scripted module of a TorchScript archive: it
+    records what the pickle gave it and runs nothing.
+
+    ``global_name`` is the class the pickle named (``"__torch__.Net"``); ``args`` and
+    ``kwargs`` what it was called with; ``state`` what BUILD gave it (a TorchScript
+    module's dict of attributes); ``entries`` items and elements appended to it.
+    """
 
     _global = "?"
     _family: dict = {}
+
+    @property
+    def global_name(self) -> str:
+        return self._global
 
     def __new__(cls, *args, **kwargs):
         self = object.__new__(cls)
@@ -656,6 +719,9 @@ class _Reader:
     (weights_only=False: unknown globals are imported), ``"opaque"`` (inspection:
     unknown globals become inert :class:`Opaque` placeholders, nothing is imported).
     ``factory`` turns storages and tensor views into results (arrays or metadata).
+    ``torchscript``: the pickle is a TorchScript archive's (``data.pkl`` or
+    ``constants.pkl``): its ``__torch__.*`` classes become :class:`Opaque` placeholders
+    in every mode, and ``record_dir`` is the folder of its storages' records.
     """
 
     def __init__(
@@ -666,8 +732,12 @@ class _Reader:
         encoding: str = "utf-8",
         problems: list | None = None,
         unscanned: bool = False,
+        torchscript: bool = False,
+        record_dir: str = "data/",
     ):
         self.file = display
+        self.torchscript = torchscript
+        self.record_dir = record_dir
         self.unscanned = unscanned  # legacy streams: scan each pickle before unpickling it
         self.mode = mode
         self.factory = factory
@@ -747,6 +817,10 @@ class _Reader:
         full = f"{module}.{name}"
         if full not in self.globals_seen:
             self.globals_seen.append(full)
+        if self.torchscript:
+            found = self._torchscript_global(module, name, full)
+            if found is not None:
+                return found
         verdict = _safe.verdict(module, name) if self.mode == "strict" else None
         if verdict is not None and not verdict.allowed:
             raise pickle.UnpicklingError(
@@ -777,6 +851,19 @@ class _Reader:
                 )
             return verdict.obj  # a global the user allowed
         return None  # trusting: import it
+
+    def _torchscript_global(self, module: str, name: str, full: str):
+        """What TorchScript's pickler writes beyond a torch.save pickle: its classes
+        (``__torch__.*``, compiled from the archive's code, which is never run: an
+        inert placeholder), the ``torch.jit._pickle`` list builders and type tags
+        (which return their argument) and its storage names for the newer dtypes."""
+        if _is_torchscript_class(module):
+            return _opaque_class(full, self._opaque_family)
+        if module == "torch.jit._pickle":
+            return _JIT_PICKLE.get(name)
+        if module == "torch":
+            return _TORCHSCRIPT_STORAGES.get(name)
+        return None
 
     def _unsupported(self, name: str):
         kind = _UNSUPPORTED_REBUILDS.get(name, f"a tensor rebuilt by torch._utils.{name}")
@@ -814,12 +901,13 @@ class _Reader:
             raise pickle.UnpicklingError(f"{self.file}: storage key {key!r} is not a string")
         dtype = self._storage_dtype(storage_type)
         numel = self._numel(key, numel)
+        record = f"{self.record_dir}{key}"
         info = StorageInfo(
-            key,
+            key if self.record_dir == "data/" else record,  # TorchScript's constants/N
             dtype,
             numel * (dtype.itemsize if dtype else 1),
             _decode(location),
-            record=f"data/{key}",
+            record=record,
         )
         return self._register(key, info)
 
@@ -991,6 +1079,21 @@ class _Reader:
         if new_type is _PARAMETER:
             made = self.factory.parameter(made, False)
         return made
+
+
+def _is_torchscript_class(module: str) -> bool:
+    return module == "__torch__" or module.startswith("__torch__.")
+
+
+def _is_torchscript_global(full: str) -> bool:
+    """Whether a TorchScript archive's reader gives ``full`` a stand-in of its own
+    (a placeholder class, a ``torch.jit._pickle`` function, a storage name)."""
+    module, _, name = full.rpartition(".")
+    return (
+        _is_torchscript_class(module)
+        or (module == "torch.jit._pickle" and name in _JIT_PICKLE)
+        or (module == "torch" and name in _TORCHSCRIPT_STORAGES)
+    )
 
 
 def _decode(value):
@@ -1216,17 +1319,18 @@ def load(
         opened.close()
 
 
-def _zip_pickle(archive, file: str, mode: str) -> tuple[bytes, dict]:
-    if not archive.has("data.pkl"):
-        if _is_torchscript(archive):
+def _zip_pickle(archive, file: str, mode: str, record: str = "data.pkl") -> tuple[bytes, dict]:
+    if not archive.has(record):
+        if record == "data.pkl" and _is_torchscript(archive):
             raise CheckpointError(
-                f"{file}: this is a TorchScript archive, not a torch.save checkpoint"
+                f"{file}: this is a TorchScript archive of the format before torch 1.4 "
+                "(no data.pkl); fastserial reads the tensors of newer ones only"
             )
         raise CheckpointError(
-            f"{file}: record '{archive.prefix}/data.pkl' is missing from the archive"
+            f"{file}: record '{archive.prefix}/{record}' is missing from the archive"
         )
-    data = archive.read("data.pkl")  # CRC32 always checked
-    scan = _native.scan_pickle(data, f"{file}: record '{archive.prefix}/data.pkl'")
+    data = archive.read(record)  # CRC32 always checked
+    scan = _native.scan_pickle(data, f"{file}: record '{archive.prefix}/{record}'")
     if mode == "strict" and scan["unsafe_opcodes"]:
         raise pickle.UnpicklingError(
             f"{file}: weights-only load refuses pickle opcodes {', '.join(scan['unsafe_opcodes'])}"
@@ -1253,13 +1357,29 @@ def _pickle_stream(data: bytes) -> io.BufferedReader:
 
 def _load_zip(opened: _Opened, mode: str, mmap: bool, encoding: str, verify: bool):
     archive, file = opened.archive, opened.display
+    torchscript = _is_torchscript(archive)
     data, _scan = _zip_pickle(archive, file, mode)
     swap = _zip_byteorder(archive, file) != sys.byteorder
     factory = _ZipArrays(archive, file, swap, mmap, verify)
-    reader = _Reader(file, mode, factory, encoding)
+    reader = _Reader(file, mode, factory, encoding, torchscript=torchscript)
     result = reader.unpickle(_pickle_stream(data), reader.persistent_load)
+    if torchscript:
+        constants, _storages = _torchscript_constants(archive, file, mode, factory, encoding, None)
+        if isinstance(result, Opaque):
+            result.constants = constants
     factory.read()
     return result
+
+
+def _torchscript_constants(archive, file: str, mode: str, factory, encoding: str, problems):
+    """The tuple a TorchScript archive's ``constants.pkl`` holds (the tensors its code
+    calls ``CONSTANTS.c0``, ...), with storages in the ``constants/`` records, and the
+    storages it met."""
+    data, _scan = _zip_pickle(archive, file, mode, "constants.pkl")
+    reader = _Reader(
+        file, mode, factory, encoding, problems, torchscript=True, record_dir="constants/"
+    )
+    return reader.unpickle(_pickle_stream(data), reader.persistent_load), reader.storages
 
 
 MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
@@ -1409,6 +1529,10 @@ class CheckpointStructure:
         self.opened = opened
         self.file = opened.display
         self.kind = kind  # "zip" | "legacy" | "tar"
+        #: a TorchScript archive (torch.jit.save): ``root`` is its data.pkl, with
+        #: scripted modules as Opaque placeholders, and ``constants`` its constants.pkl
+        self.torchscript = False
+        self.constants: Any = None
         self.byteorder = "little"
         self.prefix: str | None = None
         self.protocol: int | None = None
@@ -1425,6 +1549,16 @@ class CheckpointStructure:
     @property
     def swap(self) -> bool:
         return self.byteorder != sys.byteorder
+
+    def leaves(self) -> Iterator[tuple[str, Any]]:
+        """:func:`iter_leaves` of the object tree, then, for a TorchScript archive, of
+        its constants under the names its code uses (``CONSTANTS.c0``, ...)."""
+        yield from iter_leaves(self.root)
+        constants = self.constants
+        if isinstance(constants, tuple):
+            constants = {f"c{i}": v for i, v in enumerate(constants)}
+        if constants is not None and constants != {}:
+            yield from iter_leaves(constants, "CONSTANTS")
 
     def close(self) -> None:
         self.opened.close()
@@ -1506,14 +1640,21 @@ def _structure_zip(s: CheckpointStructure, mode: str, problems, encoding: str) -
     archive = s.opened.archive
     s.prefix = archive.prefix
     s.byteorder = _zip_byteorder(archive, s.file)
+    s.torchscript = _is_torchscript(archive)
     data, scan = _zip_pickle(archive, s.file, mode)
     s.protocol = scan["protocol"]
     s.globals = [f"{m}.{n}" for m, n in scan["globals"]]
-    reader = _Reader(s.file, mode, _MetaFactory(archive, s.file, problems), encoding, problems)
+    factory = _MetaFactory(archive, s.file, problems)
+    reader = _Reader(s.file, mode, factory, encoding, problems, torchscript=s.torchscript)
     try:
         s.root = reader.unpickle(_pickle_stream(data), reader.persistent_load)
     finally:
         s.storages = {k: v for k, v in reader.storages.items()}
+    if s.torchscript:
+        s.constants, storages = _torchscript_constants(
+            archive, s.file, mode, factory, encoding, problems
+        )
+        s.storages.update((info.key, info) for info in storages.values())
 
 
 def _structure_legacy(s: CheckpointStructure, mode: str, problems, encoding: str) -> None:

@@ -326,6 +326,8 @@ class _Opened:
         #: the bytes of a stream that was read whole (a TorchScript archive is handed
         #: to torch.jit.load from them)
         self.data = None
+        #: read whole from a stream that cannot seek
+        self.unseekable = False
 
     def close(self) -> None:
         self.archive = None
@@ -434,7 +436,9 @@ def _open_checkpoint(f, mmap: bool) -> _Opened:
             pass
 
     closer = restore_position if start is not None else None
-    return _Opened(kind, display, stream=stream, closer=closer)
+    opened = _Opened(kind, display, stream=stream, closer=closer)
+    opened.unseekable = start is None
+    return opened
 
 
 def _read_rest(f, display: str):
@@ -713,6 +717,11 @@ class _ZipLoader:
             # cannot see inside it: break that cycle on every exit, failures included,
             # or a failed load would keep its file open.
             self.factory = None
+            # restore_location's closure holds this loader too: drop the archive now,
+            # so that the buffer of an io.BytesIO it was opened on is released when
+            # load returns (else closing or resizing the BytesIO raises BufferError
+            # until the garbage collector runs), as with torch.load.
+            self.archive = None
 
     def _load(self):
         archive = self.archive

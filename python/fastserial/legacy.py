@@ -47,6 +47,17 @@ _SYS_INFO = {
 }
 
 
+class _NotACheckpointUnseekable(CheckpointError, AttributeError):
+    """Bytes that are no checkpoint, read whole from a stream that cannot seek: a
+    CheckpointError, and the AttributeError torch.load raises for such a stream."""
+
+
+_UNSEEKABLE_HINT = (
+    ". You can only torch.load from a file that is seekable. Please pre-load the data "
+    "into a buffer like io.BytesIO and try to load from it instead."
+)
+
+
 def _decode(value):
     return value.decode("ascii") if isinstance(value, bytes) else value
 
@@ -75,6 +86,7 @@ class _LegacyLoader(_ZipLoader):
         self.storages: dict[Any, Any] = {}
         self.factory = None
         self.stream_size = None
+        self.unseekable = opened.unseekable
         # key -> (cpu storage to fill, storage that tensors use, dtype)
         self.to_fill: dict[Any, tuple] = {}
 
@@ -187,22 +199,28 @@ class _LegacyLoader(_ZipLoader):
     def load_stream(self, f):
         self.stream_size = _stream_size(f)
         start = f.tell()
+        # Not a checkpoint: from a stream that cannot seek (read whole here), the
+        # error is also the AttributeError torch.load raises for such streams.
+        not_checkpoint = _NotACheckpointUnseekable if self.unseekable else CheckpointError
+        hint = _UNSEEKABLE_HINT if self.unseekable else ""
         try:
             magic = self.unpickle(f)
-        except Exception:
+        except (CheckpointError, pickle.UnpicklingError, EOFError) + _LEGACY_DATA_ERRORS:
             # Not even the magic number unpickles: this is not a checkpoint at all.
+            # (Anything else -- a custom pickle_module's own exception -- passes
+            # through, as from torch.load.)
             try:
                 f.seek(start)
                 head = f.read(16)
             except (OSError, ValueError):
                 head = b""
-            raise CheckpointError(
+            raise not_checkpoint(
                 f"{self.file}: not a checkpoint: neither a torch zip archive nor a legacy "
-                f"torch pickle stream (the data starts with {head!r})"
+                f"torch pickle stream (the data starts with {head!r}){hint}"
             ) from None
         if magic != MAGIC_NUMBER:
-            raise CheckpointError(
-                f"{self.file}: not a torch checkpoint (invalid magic number; corrupt file?)"
+            raise not_checkpoint(
+                f"{self.file}: not a torch checkpoint (invalid magic number; corrupt file?){hint}"
             )
         version = self.unpickle(f)
         if version != PROTOCOL_VERSION:
@@ -214,7 +232,7 @@ class _LegacyLoader(_ZipLoader):
             raise CheckpointError(f"{self.file}: the storage key list is missing or malformed")
         filled = set()
         for key in keys:
-            if not isinstance(key, (str, int)) or key not in self.to_fill:
+            if not isinstance(key, (str, bytes, int)) or key not in self.to_fill:
                 raise CheckpointError(
                     f"{self.file}: storage {_brief(key)} is listed but never used"
                 )

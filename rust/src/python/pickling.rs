@@ -417,6 +417,9 @@ impl SaveHelper {
         {
             return Ok(None);
         }
+        // Before the storage is touched, as in `Tensor.__reduce_ex__`: torch's own
+        // refusals (a ZeroTensor is not serializable) come from here, with its message.
+        let metadata = self.get_metadata.call1(py, (obj,))?;
         let dtype = obj.getattr(intern!(py, "dtype"))?;
         let untyped = obj.call_method0(intern!(py, "untyped_storage"))?;
         let cdata: usize = untyped.getattr(intern!(py, "_cdata"))?.extract()?;
@@ -479,7 +482,6 @@ impl SaveHelper {
                 r
             }
         };
-        let metadata = self.get_metadata.call1(py, (obj,))?;
         Ok(Some(PlainTensor {
             storage: r,
             v3,

@@ -58,6 +58,81 @@ _UNSEEKABLE_HINT = (
 )
 
 
+def _container_source(container_type) -> tuple:
+    """``(source file, source)`` of a module class, which torch's legacy save records so
+    that a load can warn when the class has changed since; ``(None, None)`` with
+    torch's warning when the source cannot be found."""
+    import warnings
+
+    from torch._sources import get_source_lines_and_file
+
+    try:
+        lines, _, source_file = get_source_lines_and_file(container_type)
+        return source_file, "".join(lines)
+    except Exception:  # noqa: BLE001 - the source is optional, as in torch
+        warnings.warn(
+            f"Couldn't retrieve source code for container of type {container_type.__name__}. "
+            "It won't be checked for correctness upon loading.",
+            stacklevel=3,
+        )
+        return None, None
+
+
+def _check_container_source(torch, container_type, source_file, original_source) -> None:
+    """torch's check on a legacy load with weights_only=False: a SourceChangeWarning
+    when the class's source differs from the one saved (with
+    ``torch.nn.Module.dump_patches``, the reverse patch is written as torch writes it)."""
+    import difflib
+    import warnings
+
+    from torch._sources import get_source_lines_and_file
+
+    try:
+        current = "".join(get_source_lines_and_file(container_type)[0])
+    except Exception:  # noqa: BLE001 - the source is optional, as in torch
+        warnings.warn(
+            f"Couldn't retrieve source code for container of type {container_type.__name__}. "
+            "It won't be checked for correctness upon loading.",
+            stacklevel=4,
+        )
+        return
+    if original_source == current:
+        return
+    if getattr(container_type, "dump_patches", False):
+        file_name = container_type.__name__ + ".patch"
+        lines = "\n".join(
+            difflib.unified_diff(
+                current.split("\n"),
+                original_source.split("\n"),
+                source_file,
+                source_file,
+                lineterm="",
+            )
+        )
+        try:
+            with open(file_name, "a+") as fh:
+                size = fh.seek(0, 2)
+                fh.seek(0)
+                if size == 0:
+                    fh.write(lines)
+                elif size != len(lines) or fh.read() != lines:
+                    raise OSError
+            msg = f"Saved a reverse patch to {file_name}. Run `patch -p0 < {file_name}` to revert your changes."
+        except OSError:
+            msg = (
+                f"Tried to save a patch, but couldn't create a writable file {file_name}. "
+                "Make sure it doesn't exist and your working directory is writable."
+            )
+    else:
+        msg = (
+            "you can retrieve the original source code by accessing the object's source "
+            "attribute or set `torch.nn.Module.dump_patches = True` and use the patch tool "
+            "to revert the changes."
+        )
+    msg = f"source code of class '{torch.typename(container_type)}' has changed. {msg}"
+    warnings.warn(msg, torch.serialization.SourceChangeWarning, stacklevel=4)
+
+
 def _decode(value):
     return value.decode("ascii") if isinstance(value, bytes) else value
 
@@ -135,6 +210,8 @@ class _LegacyLoader(_ZipLoader):
             raise _unpickling_error(f"{self.file}: unexpected persistent id {_brief(saved_id)}")
         typename = _decode(saved_id[0])
         if typename == "module":
+            if len(saved_id) == 4 and saved_id[3] is not None:
+                _check_container_source(self.info.torch, *saved_id[1:])
             return saved_id[1]
         if typename != "storage" or len(saved_id) != 6:
             raise _unpickling_error(f"{self.file}: unknown persistent id type {typename!r}")
@@ -417,7 +494,7 @@ def save_legacy(obj, f, pickle_module, pickle_protocol, fsync: bool = True) -> N
             if o in containers:
                 return None
             containers.add(o)
-            return ("module", o, None, None)
+            return ("module", o, *_container_source(o))
         if isinstance(o, info.TypedStorage) or type(o) in info.storage_classes:
             storage, dtype, storage_type, numel = _storage_parts(o)
             ptr = storage.data_ptr()

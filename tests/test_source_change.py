@@ -7,10 +7,9 @@ import importlib
 import sys
 import warnings
 
+import fastserial
 import pytest
 import torch
-
-import fastserial
 
 _SOURCE = """
 import torch

@@ -817,8 +817,8 @@ class _ZipLoader:
             raise
         except _MALFORMED_PICKLE_ERRORS as e:
             # What the unpickler raises for pickles that call allowed functions wrongly
-            # or end early. Everything else (whatever map_location raises, RuntimeError,
-            # OSError) propagates unchanged, as from torch.load.
+            # or end early. Everything else (whatever map_location raises, RuntimeError
+            # from torch, OSError) propagates unchanged, as from torch.load.
             if self.weights_only and e is not self.user_error:
                 raise _unpickling_error(
                     f"{self.file}: weights-only load failed while unpickling "
@@ -906,6 +906,10 @@ class _ZipLoader:
             raise _unpickling_error(f"{self.file}: storage key {key!r} is not a string")
         if isinstance(location, bytes):
             location = location.decode("ascii", "replace")
+        if not isinstance(location, str):
+            raise _unpickling_error(
+                f"{self.file}: storage '{key}' has location {_brief(location)}, not a string"
+            )
         if type(numel) is not int or numel < 0:
             raise _unpickling_error(f"{self.file}: storage '{key}' declares {numel!r} elements")
         record = f"data/{key}"
@@ -1265,6 +1269,7 @@ def _is_dtype_global(full: str) -> bool:
 
 
 _MALFORMED_PICKLE_ERRORS = (
+    AssertionError,  # torch's set_tensor_metadata on metadata that is not a dict
     EOFError,
     ValueError,
     KeyError,

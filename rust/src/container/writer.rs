@@ -66,6 +66,13 @@ impl<W: Write> ArchiveWriter<W> {
     /// Writes one record; its CRC is computed here (on a second thread for big data).
     pub fn write_record(&mut self, name: &str, data: &[u8]) -> Result<()> {
         let full = format!("{}/{}", self.prefix, name);
+        if full.len() > u16::MAX as usize {
+            // The zip headers hold a name's length in 16 bits.
+            return Err(Error::Usage(format!(
+                "record name of {} bytes: a zip record name is at most 65535 bytes",
+                full.len()
+            )));
+        }
         let header = local_header(&full, data.len() as u64, self.pos);
         let header_offset = self.pos;
         self.emit(&header, &full)?;

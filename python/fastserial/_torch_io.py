@@ -1033,8 +1033,13 @@ class _ZipLoader:
         )
 
     def _finish_tensor(self, t, requires_grad, backward_hooks, metadata):
+        if type(requires_grad) is not bool:  # torch pickles a bool
+            raise _unpickling_error(f"{self.file}: requires_grad is {_brief(requires_grad)}")
         if requires_grad:
-            t.requires_grad = True
+            try:
+                t.requires_grad = True
+            except RuntimeError as e:  # gradients on an integer tensor: a malformed file
+                raise _unpickling_error(f"{self.file}: requires_grad=True: {e}") from e
         if metadata:
             self.info.set_tensor_metadata(t, metadata)
         if backward_hooks:

@@ -163,9 +163,12 @@ impl TensorFactory {
             };
             let [offset, size, stride, requires_grad, hooks] =
                 [args[1], args[2], args[3], args[4], args[5]];
-            let (Some(size_v), Some(stride_v), Ok(off)) =
-                (int_list(size), int_list(stride), offset.extract::<i64>())
-            else {
+            let (Some(size_v), Some(stride_v), Ok(off), Ok(requires_grad)) = (
+                int_list(size),
+                int_list(stride),
+                offset.extract::<i64>(),
+                requires_grad.downcast::<pyo3::types::PyBool>(),
+            ) else {
                 let record = p.slot.record;
                 return Err(self.view_error(
                     record,
@@ -178,7 +181,7 @@ impl TensorFactory {
                 stride: &stride_v,
             };
             let extras = Extras {
-                requires_grad: requires_grad.is_truthy()?,
+                requires_grad: requires_grad.is_true(),
                 hooks: Some(hooks),
                 metadata,
             };

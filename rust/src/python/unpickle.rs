@@ -760,7 +760,13 @@ impl<'py, 'a, B: TensorBuilder> Machine<'py, 'a, B> {
         let (Some(size), Some(stride)) = (self.ints(&a[2]), self.ints(&a[3])) else {
             return Ok(None);
         };
-        let requires_grad = need!(self.object(&a[4])?).is_truthy()?;
+        // torch pickles a bool; anything else goes to the Python rebuild, which
+        // refuses it with a typed error.
+        let requires_grad = need!(self.object(&a[4])?);
+        let Ok(requires_grad) = requires_grad.downcast::<pyo3::types::PyBool>() else {
+            return Ok(None);
+        };
+        let requires_grad = requires_grad.is_true();
         // An empty OrderedDict of hooks that nothing else took is never made.
         let hooks = match &a[5] {
             Value::EmptyOrderedDict(i) if self.ordered_dicts[*i].get().is_none() => None,

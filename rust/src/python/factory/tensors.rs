@@ -5,6 +5,8 @@
 
 use pyo3::intern;
 use pyo3::prelude::*;
+
+pyo3::import_exception!(pickle, UnpicklingError);
 use pyo3::types::{PyDict, PyTuple};
 use rustc_hash::FxHashMap;
 
@@ -321,7 +323,10 @@ impl TensorMaker {
         e: &Extras<'_, '_>,
     ) -> PyResult<Py<PyAny>> {
         if e.requires_grad {
-            t.setattr(py, intern!(py, "requires_grad"), true)?;
+            // torch refuses gradients on integer tensors: from a file, that is a
+            // malformed checkpoint, refused like one.
+            t.setattr(py, intern!(py, "requires_grad"), true)
+                .map_err(|err| UnpicklingError::new_err(format!("requires_grad=True: {err}")))?;
         }
         if let Some(m) = e.metadata {
             if m.is_truthy()? {

@@ -200,11 +200,14 @@ impl Reads {
                             record: &records[rec],
                             // SAFETY: each (addr, n) is a distinct range that
                             // `Packer::alloc` carved from a block in `blocks`, which
-                            // this thread holds until the reads end. Nothing else
-                            // writes it meanwhile: the tensors made over it reach the
-                            // caller only after `finish` has joined this thread, and a
-                            // factory dropped unfinished joins it (`Reads`' `Drop`);
-                            // the unpickler runs only inert globals, which read no data.
+                            // this thread holds until the reads end, so the memory
+                            // stays mapped and this load's own. The tensors made over
+                            // it reach the caller only after `finish` has joined this
+                            // thread, and a factory dropped unfinished joins it
+                            // (`Reads`' `Drop`). Only code the pickle runs could touch
+                            // those tensors meanwhile (inert globals read no data; a
+                            // SETITEM on a tensor would write it): at worst a race on
+                            // values inside this block, never on memory outside it.
                             dst: unsafe { std::slice::from_raw_parts_mut(addr as *mut u8, n) },
                             swap: 0,
                         })

@@ -8,6 +8,7 @@ formats) both build on it; it imports neither.
 from __future__ import annotations
 
 import _compat_pickle
+import collections
 import contextlib
 import errno
 import gc
@@ -742,6 +743,10 @@ class _ZipLoader:
         self.persistent_ids = scan["persistent_ids"]
         # BUILD under weights_only follows torch's safe unpickler (set_ on a tensor,
         # refusal on types not allowed), which only a Python-level unpickler can do.
+        # A weights-only pickle with BUILD opcodes that the native unpickler does not
+        # run to the end is unpickled with torch's safe unpickler's rules for BUILD,
+        # SETITEM and APPEND (set_ on a tensor; items only into dicts and lists), which
+        # only a Python-level unpickler can follow.
         self.builds_like_torch = self.weights_only and scan.get("builds", 0) > 0
         globals_used = {
             "{}.{}".format(*_canonical_global(m, n, scan["protocol"])) for m, n in scan["globals"]
@@ -1369,7 +1374,45 @@ def _unpickler_class(pickle_module, torch_build: bool = False):
             state = self.stack.pop()
             self._loader.torch_build(self.stack[-1], state)
 
-        Unpickler.dispatch = {**pickle._Unpickler.dispatch, pickle.BUILD[0]: load_build}
+        def target(self, opcode: str, kinds: tuple):
+            obj = self.stack[-1]
+            if type(obj) not in kinds:
+                names = " or ".join(k.__name__ for k in kinds)
+                raise pickle.UnpicklingError(
+                    f"weights-only load: {opcode} applies to {names} only, not "
+                    f"{type(obj).__module__}.{type(obj).__qualname__}"
+                )
+            return obj
+
+        mappings = (dict, OrderedDict, collections.Counter)
+
+        def load_setitem(self):
+            value = self.stack.pop()
+            key = self.stack.pop()
+            target(self, "SETITEM", mappings)[key] = value
+
+        def load_setitems(self):
+            items = self.pop_mark()
+            obj = target(self, "SETITEMS", mappings)
+            for i in range(0, len(items), 2):
+                obj[items[i]] = items[i + 1]
+
+        def load_append(self):
+            value = self.stack.pop()
+            target(self, "APPEND", (list,)).append(value)
+
+        def load_appends(self):
+            items = self.pop_mark()
+            target(self, "APPENDS", (list,)).extend(items)
+
+        Unpickler.dispatch = {
+            **pickle._Unpickler.dispatch,
+            pickle.BUILD[0]: load_build,
+            pickle.SETITEM[0]: load_setitem,
+            pickle.SETITEMS[0]: load_setitems,
+            pickle.APPEND[0]: load_append,
+            pickle.APPENDS[0]: load_appends,
+        }
 
     with _unpickler_lock:
         try:

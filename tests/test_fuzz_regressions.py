@@ -63,3 +63,95 @@ def test_writer_refuses_record_names_zip_cannot_hold():
     w.write_record("data.pkl", b"x")
     with pytest.raises(Exception, match="65535"):
         w.write_record("x" * 70_000, b"x")
+
+
+class _WithItems:
+    """Pickles as ``callable(*args)`` followed by SETITEM(S) or APPEND(S) on the result."""
+
+    def __init__(self, fn, args, *, items=None, appends=None):
+        self.reduced = (fn, args, None, appends, items)
+
+    def __reduce__(self):
+        fn, args, state, appends, items = self.reduced
+        return (
+            fn,
+            args,
+            state,
+            None if appends is None else iter(appends),
+            None if items is None else iter(items),
+        )
+
+
+def _tensor_args(t):
+    typed = torch.storage.TypedStorage(wrap_storage=t.untyped_storage(), dtype=t.dtype, _internal=True)
+    return (typed, 0, tuple(t.shape), t.stride(), False, OrderedDict())
+
+
+def _both(data: bytes):
+    """(torch.load's exception, fastserial.load's exception) on the same bytes."""
+    out = []
+    for load in (torch.load, fastserial.load):
+        with pytest.raises(Exception) as info:
+            load(io.BytesIO(data), weights_only=True)
+        out.append(info.value)
+    return out
+
+
+@pytest.mark.parametrize("n_items", [1, 2], ids=["SETITEM", "SETITEMS"])
+def test_setitem_on_a_tensor_is_refused_as_torch_refuses_it(n_items):
+    """No BUILD in the pickle: only the scan can see that a SETITEM's target is no dict.
+    Without the check, ``tensor[k] = v`` ran on a tensor (the fuzzer's finding)."""
+    items = [(i, 7.0) for i in range(n_items)]
+    t = torch.zeros(4)
+    data = _saved({"t": _WithItems(torch._utils._rebuild_tensor_v2, _tensor_args(t), items=items)})
+    theirs, ours = _both(data)
+    assert isinstance(theirs, pickle.UnpicklingError) and "SETITEM" in str(theirs)
+    assert isinstance(ours, pickle.UnpicklingError) and "SETITEM" in str(ours)
+    # Not a refusal of the shape itself: without weights_only both run it.
+    for load in (torch.load, fastserial.load):
+        got = load(io.BytesIO(data), weights_only=False)["t"]
+        assert got.tolist() == [7.0] * n_items + [0.0] * (4 - n_items)
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_append_on_a_dict_is_refused_as_torch_refuses_it(legacy):
+    buf = io.BytesIO()
+    torch.save(
+        {"d": _WithItems(OrderedDict, (), appends=[1])},
+        buf,
+        _use_new_zipfile_serialization=not legacy,
+    )
+    theirs, ours = _both(buf.getvalue())
+    assert isinstance(theirs, pickle.UnpicklingError) and "append" in str(theirs).lower()
+    assert isinstance(ours, pickle.UnpicklingError) and "APPEND" in str(ours)
+
+
+def test_setitem_on_a_tensor_in_a_legacy_checkpoint_is_refused():
+    t = torch.zeros(4)
+    buf = io.BytesIO()
+    obj = {"t": _WithItems(torch._utils._rebuild_tensor_v2, _tensor_args(t), items=[(0, 1.0)])}
+    torch.save(obj, buf, _use_new_zipfile_serialization=False)
+    theirs, ours = _both(buf.getvalue())
+    assert isinstance(theirs, pickle.UnpicklingError)
+    assert isinstance(ours, pickle.UnpicklingError) and "SETITEM" in str(ours)
+
+
+def test_runtime_error_of_a_rebuild_is_typed_and_still_torchs_runtime_error():
+    """An unknown qscheme: torch.load raises RuntimeError for it (protocol 2); a
+    weights-only fastserial load raises an UnpicklingError that is that RuntimeError
+    too, so that both `except` clauses catch it (the fuzzer's finding, in protocol 4,
+    where torch refuses the file for its FRAME opcode)."""
+    q = torch.quantize_per_tensor(torch.ones(4), 0.5, 0, torch.quint8)
+    params = (133, 0.5, 0)  # qscheme 133 does not exist
+    args = (q.untyped_storage(), 0, (4,), (1,), params, False, OrderedDict())
+    for protocol in (2, 4):
+        buf = io.BytesIO()
+        torch.save({"q": _WithItems(torch._utils._rebuild_qtensor, args)}, buf, pickle_protocol=protocol)
+        data = buf.getvalue()
+        theirs, ours = _both(data)
+        expected = RuntimeError if protocol == 2 else pickle.UnpicklingError
+        assert isinstance(theirs, expected), theirs
+        assert isinstance(ours, RuntimeError) and isinstance(ours, pickle.UnpicklingError)
+        assert "qscheme" in str(ours)
+        with pytest.raises(RuntimeError, match="qscheme"):  # not weights_only: unchanged
+            fastserial.load(io.BytesIO(data), weights_only=False)

@@ -15,7 +15,6 @@ import gc
 import io
 import os
 import pickle
-import reprlib
 import struct
 import sys
 import threading
@@ -25,6 +24,7 @@ from enum import Enum
 from typing import Any, Optional
 
 from . import _fastserial as _native
+from . import _format
 from . import allowlist as _safe
 from . import location as _location
 from ._fastserial import CheckpointError
@@ -250,18 +250,7 @@ class _TorchInfo:
         return size // 2 if dtype in self.complex_dtypes else size
 
 
-_BRIEF = reprlib.Repr()
-_BRIEF.maxlevel, _BRIEF.maxtuple, _BRIEF.maxlist, _BRIEF.maxdict = 3, 6, 6, 4
-_BRIEF.maxstring, _BRIEF.maxother, _BRIEF.maxlong = 60, 60, 40
-
-
-def _brief(obj) -> str:
-    """A short repr of a value from a file, for error messages: bounded in depth and
-    width, so formatting a hostile structure (a deep or DAG-shaped tuple) is cheap."""
-    try:
-        return _BRIEF.repr(obj)
-    except Exception:  # noqa: BLE001 - a repr of the file's object failed
-        return f"<{type(obj).__name__}>"
+_brief = _format.brief
 
 
 def _writable_view(storage) -> memoryview:
@@ -638,6 +627,13 @@ class _LazyGuard:
         return repr(self.fn)
 
 
+class WeightsOnlyRuntimeError(pickle.UnpicklingError, RuntimeError):
+    """A weights-only load failed because torch raised ``RuntimeError`` while rebuilding
+    an object from the pickle's arguments (an unknown qscheme, say): the file is at
+    fault, so it is an ``UnpicklingError``, and still the ``RuntimeError`` torch.load
+    raises for such a file."""
+
+
 def _unpickling_error(msg: str) -> pickle.UnpicklingError:
     return pickle.UnpicklingError(msg)
 
@@ -699,6 +695,28 @@ class _ZipLoader:
     def _fail(self, what: str) -> CheckpointError:
         return CheckpointError(f"{self.file}: {what}")
 
+    def unpickling_failure(self, e: Exception, where: str) -> Optional[Exception]:
+        """What a weights-only load raises for ``e``, raised while the pickle ran (``where``
+        says which pickle), or None when ``e`` propagates unchanged: whatever a user
+        callable (``map_location``) raised, typed refusals, and, without weights_only,
+        everything."""
+        if not self.weights_only or e is self.user_error:
+            return None
+        if isinstance(e, (CheckpointError, pickle.UnpicklingError, RecursionError, MemoryError)):
+            return None
+        if isinstance(e, RuntimeError):
+            # torch's RuntimeError from a rebuild the pickle called with bad arguments:
+            # the file is at fault, so it is an UnpicklingError, and it stays the
+            # RuntimeError torch.load raises for such a file.
+            return WeightsOnlyRuntimeError(f"{self.file}: weights-only load failed {where}: {e}")
+        if isinstance(e, _MALFORMED_PICKLE_ERRORS):
+            # What the unpickler raises for pickles that call allowed functions wrongly
+            # or end early.
+            return _unpickling_error(
+                f"{self.file}: weights-only load failed {where}: {type(e).__name__}: {e}"
+            )
+        return None
+
     def _byteorder(self) -> str:
         if self.archive.has("byteorder"):
             value = self.archive.read("byteorder")
@@ -741,18 +759,23 @@ class _ZipLoader:
             )
         self.swap = self._byteorder() != sys.byteorder
         self.persistent_ids = scan["persistent_ids"]
-        # BUILD under weights_only follows torch's safe unpickler (set_ on a tensor,
-        # refusal on types not allowed), which only a Python-level unpickler can do.
-        # A weights-only pickle with BUILD opcodes that the native unpickler does not
-        # run to the end is unpickled with torch's safe unpickler's rules for BUILD,
-        # SETITEM and APPEND (set_ on a tensor; items only into dicts and lists), which
-        # only a Python-level unpickler can follow.
-        self.builds_like_torch = self.weights_only and scan.get("builds", 0) > 0
+        # A weights-only pickle with BUILD opcodes, or with SETITEM / APPEND on targets
+        # the scan cannot show to be dicts and lists, is unpickled with torch's safe
+        # unpickler's rules for BUILD, SETITEM and APPEND (set_ on a tensor; items only
+        # into dicts and lists), which only a Python-level unpickler can follow (the
+        # native unpickler runs only BUILDs it can do exactly as torch does).
+        self.builds_like_torch = self.weights_only and (
+            scan.get("builds", 0) > 0 or scan.get("untyped_mutations", 0) > 0
+        )
         globals_used = {
             "{}.{}".format(*_canonical_global(m, n, scan["protocol"])) for m, n in scan["globals"]
         }
+        # Lazy tensors are filled after the pickle has run: a SETITEM or APPEND that may
+        # reach a tensor (its target not shown to be a dict or list) would act on
+        # unfilled memory, so such a pickle is unpickled eagerly.
         lazy = (
-            not scan["persistent_id_reused"]
+            scan.get("untyped_mutations", 0) == 0
+            and not scan["persistent_id_reused"]
             and not _location.cpu_overridden()
             and _cpu_stays_cpu(self.map_location)
             and all(
@@ -818,18 +841,15 @@ class _ZipLoader:
                     raise _Retry()
                 if not done:
                     result = unpickler.load()
-        except (_Retry, CheckpointError, pickle.UnpicklingError, RecursionError, MemoryError):
+        except _Retry:
             raise
-        except _MALFORMED_PICKLE_ERRORS as e:
-            # What the unpickler raises for pickles that call allowed functions wrongly
-            # or end early. Everything else (whatever map_location raises, RuntimeError
-            # from torch, OSError) propagates unchanged, as from torch.load.
-            if self.weights_only and e is not self.user_error:
-                raise _unpickling_error(
-                    f"{self.file}: weights-only load failed while unpickling "
-                    f"'{self.archive.prefix}/data.pkl': {type(e).__name__}: {e}"
-                ) from e
-            raise
+        except Exception as e:
+            wrapped = self.unpickling_failure(
+                e, f"while unpickling '{self.archive.prefix}/data.pkl'"
+            )
+            if wrapped is None:
+                raise
+            raise wrapped from e
         if self.factory is not None:
             produced, consumed = self.factory.counts
             if produced != consumed:
@@ -880,18 +900,7 @@ class _ZipLoader:
     # -- persistent ids
 
     def persistent_load(self, saved_id):
-        if type(saved_id) is not tuple or len(saved_id) != 5:
-            raise _unpickling_error(
-                f"{self.file}: unexpected persistent id {_brief(saved_id)} "
-                "(expected ('storage', type, key, location, numel))"
-            )
-        typename, storage_type, key, location, numel = saved_id
-        if isinstance(typename, bytes):
-            typename = typename.decode("ascii", "replace")
-        if typename != "storage":
-            raise _unpickling_error(
-                f"{self.file}: unknown persistent id type {typename!r}, expected 'storage'"
-            )
+        storage_type, key, location, numel = _format.storage_id(saved_id, self.file)
         entry = self.storages.get(key)
         if entry is not None:
             retyped = self._retyped(entry, storage_type, numel)
@@ -905,18 +914,8 @@ class _ZipLoader:
         dtype = self._storage_dtype(storage_type)
         if dtype is None:
             raise _unpickling_error(
-                f"{self.file}: persistent id names {storage_type!r}, which is not a storage type"
+                f"{self.file}: persistent id names {_brief(storage_type)}, which is not a storage type"
             )
-        if not isinstance(key, str):
-            raise _unpickling_error(f"{self.file}: storage key {key!r} is not a string")
-        if isinstance(location, bytes):
-            location = location.decode("ascii", "replace")
-        if not isinstance(location, str):
-            raise _unpickling_error(
-                f"{self.file}: storage '{key}' has location {_brief(location)}, not a string"
-            )
-        if type(numel) is not int or numel < 0:
-            raise _unpickling_error(f"{self.file}: storage '{key}' declares {numel!r} elements")
         record = f"data/{key}"
         if not self.archive.has(record):
             raise self._fail(f"record '{self.archive.prefix}/{record}' is missing from the archive")
@@ -997,25 +996,15 @@ class _ZipLoader:
 
     # -- tensor rebuilds (what find_class returns for torch's _rebuild_* functions)
 
-    def _check_view(self, nbytes: int, itemsize: int, offset, size, stride, what: str):
-        if type(offset) is not int or offset < 0 or len(size) != len(stride):
-            raise self._fail(
-                f"{what}: invalid view (offset {offset!r}, size {tuple(size)!r}, stride {tuple(stride)!r})"
-            )
-        extent = offset
-        for n, s in zip(size, stride):
-            if type(n) is not int or type(s) is not int or n < 0 or s < 0:
-                raise self._fail(
-                    f"{what}: invalid view (size {tuple(size)!r}, stride {tuple(stride)!r})"
-                )
-            if n == 0:
-                return
-            extent += (n - 1) * s
-        if (extent + 1) * itemsize > nbytes:
-            raise self._fail(
-                f"{what}: tensor view (offset {offset}, size {tuple(size)}, stride {tuple(stride)}) "
-                f"reaches past the end of its {nbytes}-byte storage"
-            )
+    def _check_view(self, untyped, itemsize: int, offset, size, stride, what: str):
+        """The view's (offset, size, stride), checked well formed and, on a storage with
+        bytes (not meta), inside it."""
+        offset, size, stride = _format.view_geometry(offset, size, stride, what, self.file)
+        if untyped.device.type != "meta":
+            overrun = _format.view_overrun(offset, size, stride, itemsize, untyped.nbytes())
+            if overrun is not None:
+                raise self._fail(f"{what}: {overrun}")
+        return offset, size, stride
 
     def _tensor_from_typed(self, typed, dtype, offset, size, stride):
         info = self.info
@@ -1024,15 +1013,9 @@ class _ZipLoader:
             # An untyped storage from a foreign-endian file: swap by the tensor's dtype.
             _native.byteswap(_writable_view(untyped), info.swap_size(dtype))
             typed._fastserial_swapped = True
-        if untyped.device.type != "meta":
-            self._check_view(
-                untyped.nbytes(),
-                info.itemsize.get(dtype, 1),
-                offset,
-                size,
-                stride,
-                "a storage",
-            )
+        offset, size, stride = self._check_view(
+            untyped, info.itemsize.get(dtype, 1), offset, size, stride, "a storage"
+        )
         return info.empty((0,), dtype=dtype, device=untyped.device).set_(
             untyped, offset, size, stride
         )
@@ -1098,13 +1081,9 @@ class _ZipLoader:
         # Packed sub-byte types (quint4x2, quint2x4) count elements below a byte: torch's
         # own set_ checks those; byte-sized ones are checked here with a typed error.
         packed = str(getattr(typed, "dtype", "")) in ("torch.quint4x2", "torch.quint2x4")
-        if (
-            isinstance(typed, self.info.TypedStorage)
-            and not packed
-            and typed._untyped_storage.device.type != "meta"
-        ):
-            self._check_view(
-                typed._untyped_storage.nbytes(),
+        if isinstance(typed, self.info.TypedStorage) and not packed:
+            storage_offset, size, stride = self._check_view(
+                typed._untyped_storage,
                 self.info.itemsize.get(typed.dtype, 1),
                 storage_offset,
                 size,

@@ -20,9 +20,9 @@ import tarfile
 from typing import Any
 
 from . import _fastserial as _native
+from . import _format
 from . import location as _location
 from ._torch_io import (
-    _MALFORMED_PICKLE_ERRORS,
     CheckpointError,
     _brief,
     _is_path,
@@ -133,10 +133,6 @@ def _check_container_source(torch, container_type, source_file, original_source)
     warnings.warn(msg, torch.serialization.SourceChangeWarning, stacklevel=4)
 
 
-def _decode(value):
-    return value.decode("ascii") if isinstance(value, bytes) else value
-
-
 class _LegacyLoader(_ZipLoader):
     """Unpickles legacy streams; shares find_class and the rebuild functions with the
     zip loader, but storages are created eagerly and filled after the pickle."""
@@ -169,13 +165,18 @@ class _LegacyLoader(_ZipLoader):
         """The stream's next pickle, scanned natively first; the stream is left just
         past it."""
         start = stream.tell()
-        data, end = scan_next_pickle(stream, self.file, refuse_unsafe=self.weights_only)
+        data, end, scan = scan_next_pickle(stream, self.file, refuse_unsafe=self.weights_only)
         stream.seek(start + end)
+        # torch's rules for BUILD, SETITEM and APPEND, as in a zip checkpoint.
+        self.builds_like_torch = self.weights_only and (
+            scan["builds"] > 0 or scan["untyped_mutations"] > 0
+        )
         return io.BufferedReader(io.BytesIO(data[:end]), buffer_size=1 << 20)
 
     def unpickle(self, stream, persistent_load=None):
-        unpickler = _unpickler_class(self.pickle_module)(
-            self._next_pickle(stream), loader=self, **self.pickle_load_args
+        pickled = self._next_pickle(stream)
+        unpickler = _unpickler_class(self.pickle_module, torch_build=self.builds_like_torch)(
+            pickled, loader=self, **self.pickle_load_args
         )
         if persistent_load is not None:
             unpickler.persistent_load = persistent_load
@@ -186,50 +187,43 @@ class _LegacyLoader(_ZipLoader):
         except EOFError as e:
             raise CheckpointError(f"{self.file}: the legacy checkpoint ends early: {e}") from e
         except Exception as e:
-            data_errors = _MALFORMED_PICKLE_ERRORS if self.weights_only else _LEGACY_DATA_ERRORS
-            if e is self.user_error or not isinstance(e, data_errors):
+            if self.weights_only:
+                wrapped = self.unpickling_failure(e, "in a legacy pickle")
+                if wrapped is None:
+                    raise
+                raise wrapped from e
+            if e is self.user_error or not isinstance(e, _LEGACY_DATA_ERRORS):
                 # What the user's map_location and torch itself raise (RuntimeError)
                 # passes through, as from torch.load; only the pickle's own faults
                 # are wrapped.
                 raise
-            if not self.weights_only and isinstance(e, UnicodeDecodeError):
+            if isinstance(e, UnicodeDecodeError):
                 # A wrong `encoding=` for Python 2 strings, as from torch.load.
                 raise
-            if self.weights_only:
-                raise _unpickling_error(
-                    f"{self.file}: weights-only load failed in a legacy pickle: "
-                    f"{type(e).__name__}: {e}"
-                ) from e
             raise CheckpointError(
                 f"{self.file}: damaged legacy checkpoint: {type(e).__name__}: {e}"
             ) from e
 
     def legacy_persistent_load(self, saved_id):
         info = self.info
-        if not isinstance(saved_id, tuple) or not saved_id:
-            raise _unpickling_error(f"{self.file}: unexpected persistent id {_brief(saved_id)}")
-        typename = _decode(saved_id[0])
-        if typename == "module":
-            if len(saved_id) == 4 and saved_id[3] is not None:
-                _check_container_source(self.info.torch, *saved_id[1:])
-            return saved_id[1]
-        if typename != "storage" or len(saved_id) != 6:
-            raise _unpickling_error(f"{self.file}: unknown persistent id type {typename!r}")
-        storage_type, root_key, location, numel, view_metadata = saved_id[1:]
-        location = _decode(location)
+        parsed = _format.legacy_storage_id(saved_id, self.file)
+        if not isinstance(parsed, _format.LegacyStorageId):
+            module = parsed[1]
+            if len(module) == 4 and module[3] is not None:
+                _check_container_source(self.info.torch, *module[1:])
+            return module[1]
+        storage_type, root_key, location, numel, view_metadata = parsed
         if storage_type is info.UntypedStorage:
             dtype = info.uint8
         elif type(storage_type) is _StorageType:
             dtype = storage_type.dtype
         else:
-            raise _unpickling_error(f"{self.file}: {storage_type!r} is not a storage type")
-        if type(numel) is not int or numel < 0:
-            raise _unpickling_error(f"{self.file}: storage declares {numel!r} elements")
+            raise _unpickling_error(f"{self.file}: {_brief(storage_type)} is not a storage type")
         itemsize = info.itemsize.get(dtype, 1)
         if root_key not in self.storages:
             if self.stream_size is not None and numel * itemsize > self.stream_size:
                 raise CheckpointError(
-                    f"{self.file}: storage {root_key!r} declares {numel} elements "
+                    f"{self.file}: storage {_brief(root_key)} declares {numel} elements "
                     f"({numel * itemsize} bytes), more than the whole {self.stream_size}-byte file"
                 )
             # Zeroed: the bytes follow the pickle, so code the pickle runs on a tensor
@@ -250,24 +244,11 @@ class _LegacyLoader(_ZipLoader):
                 typed = info.TypedStorage(device=untyped.device, dtype=dtype, _internal=True)
         if view_metadata is None:
             return typed
-        if type(view_metadata) is not tuple or len(view_metadata) != 3:
-            raise CheckpointError(
-                f"{self.file}: storage {root_key!r} has view metadata {_brief(view_metadata)}, "
-                "expected (key, offset, size)"
-            )
-        view_key, offset, view_size = view_metadata
-        if type(offset) is not int or type(view_size) is not int:
-            raise CheckpointError(
-                f"{self.file}: storage view {_brief(view_key)} has offset {_brief(offset)} and "
-                f"size {_brief(view_size)}, expected integers"
-            )
+        view_key = view_metadata[0]
         if view_key not in self.storages:
-            start = offset * itemsize
-            end = start + view_size * itemsize
-            if offset < 0 or view_size < 0 or end > typed._untyped_storage.nbytes():
-                raise CheckpointError(
-                    f"{self.file}: storage view {view_key!r} lies outside its storage"
-                )
+            start, end = _format.storage_view_bytes(
+                view_metadata, itemsize, typed._untyped_storage.nbytes(), self.file
+            )
             self.storages[view_key] = info.TypedStorage(
                 wrap_storage=typed._untyped_storage[start:end], dtype=dtype, _internal=True
             )
@@ -348,12 +329,13 @@ class _LegacyLoader(_ZipLoader):
             )
 
 
-def scan_next_pickle(stream, label: str, refuse_unsafe: bool) -> tuple[bytes, int]:
+def scan_next_pickle(stream, label: str, refuse_unsafe: bool) -> tuple[bytes, int, dict]:
     """Scans the pickle that starts at the stream's position (legacy files hold pickles
     back to back) before Python's unpickler can allocate for it: every length and memo
     index is bounded, and with ``refuse_unsafe`` the opcodes a weights-only load refuses
     raise UnpicklingError. The window read grows until the whole pickle fits. Returns
-    the bytes read and the pickle's length; the stream position is unspecified."""
+    the bytes read, the pickle's length and the scan; the stream position is
+    unspecified."""
     start = stream.tell()
     window = 1 << 16
     while True:
@@ -370,7 +352,7 @@ def scan_next_pickle(stream, label: str, refuse_unsafe: bool) -> tuple[bytes, in
         raise _unpickling_error(
             f"{label}: weights-only load refuses pickle opcodes {', '.join(scan['unsafe_opcodes'])}"
         )
-    return data, scan["end"]
+    return data, scan["end"], scan
 
 
 #: Exceptions a damaged legacy pickle makes Python's unpickler raise.
@@ -451,7 +433,7 @@ def load_tar(opened: _Opened, map_location, pickle_module, weights_only, pickle_
             cpu = info.UntypedStorage(nbytes)
             if nbytes and storages.readinto(_writable_view(cpu)) != nbytes:
                 raise CheckpointError(f"{opened.display}: storage {key!r} is truncated")
-            restored = loader.restore_location(cpu, _decode(location))
+            restored = loader.restore_location(cpu, _format.decode(location))
             objects[key] = info.TypedStorage(wrap_storage=restored, dtype=dtype, _internal=True)
         for target, root_key, offset, numel in loader.unpickle(storages):
             root = objects[root_key]

@@ -63,6 +63,7 @@ from typing import Any, BinaryIO, Callable, Union
 import numpy as np
 
 from . import _fastserial as _native
+from . import _format
 from . import allowlist as _safe
 from ._fastserial import CheckpointError
 from ._torch_io import (
@@ -884,72 +885,56 @@ class _Reader:
 
     def persistent_load(self, saved_id):
         """A zip checkpoint's ``('storage', type, key, location, numel)``."""
-        if type(saved_id) is not tuple or len(saved_id) != 5:
-            raise pickle.UnpicklingError(
-                f"{self.file}: unexpected persistent id {_brief(saved_id)} "
-                "(expected ('storage', type, key, location, numel))"
-            )
-        typename, storage_type, key, location, numel = saved_id
-        if _decode(typename) != "storage":
-            raise pickle.UnpicklingError(
-                f"{self.file}: unknown persistent id type {typename!r}, expected 'storage'"
-            )
+        storage_type, key, location, numel = _format.storage_id(saved_id, self.file)
+        dtype = self._storage_dtype(storage_type)
         found = self.storages.get(key)
         if found is not None:
-            return found
-        if not isinstance(key, str):
-            raise pickle.UnpicklingError(f"{self.file}: storage key {key!r} is not a string")
-        dtype = self._storage_dtype(storage_type)
-        numel = self._numel(key, numel)
+            known = self.info_of[id(found)]
+            if known.dtype is dtype:
+                return found
+            # A record met again under another dtype (an empty storage viewed with
+            # two dtypes): as torch.load, a storage of that dtype over the same record,
+            # checked against its length like the first.
+            info = StorageInfo(
+                known.key,
+                dtype,
+                numel * (dtype.itemsize if dtype else 1),
+                location,
+                record=known.record,
+            )
+            made = self.factory.storage(info)
+            self.info_of[id(made)] = info
+            return made
         record = f"{self.record_dir}{key}"
         info = StorageInfo(
             key if self.record_dir == "data/" else record,  # TorchScript's constants/N
             dtype,
             numel * (dtype.itemsize if dtype else 1),
-            _decode(location),
+            location,
             record=record,
         )
         return self._register(key, info)
 
     def legacy_persistent_load(self, saved_id):
         """A legacy file's ``('storage', type, root_key, location, numel, view)``."""
-        if type(saved_id) is not tuple or not saved_id:
-            raise pickle.UnpicklingError(
-                f"{self.file}: unexpected persistent id {_brief(saved_id)}"
-            )
-        typename = _decode(saved_id[0])
-        if typename == "module" and len(saved_id) > 1:
-            return saved_id[1]
-        if typename != "storage" or len(saved_id) != 6:
-            raise pickle.UnpicklingError(f"{self.file}: unknown persistent id type {typename!r}")
-        storage_type, root_key, location, numel, view = saved_id[1:]
+        parsed = _format.legacy_storage_id(saved_id, self.file)
+        if not isinstance(parsed, _format.LegacyStorageId):
+            return parsed[1][1]  # a module's class
+        storage_type, root_key, location, numel, view = parsed
         dtype = self._storage_dtype(storage_type)
         itemsize = dtype.itemsize if dtype else 1
         root = self.storages.get(root_key)
         if root is None:
-            numel = self._numel(root_key, numel)
-            info = StorageInfo(root_key, dtype, numel * itemsize, _decode(location))
+            info = StorageInfo(root_key, dtype, numel * itemsize, location)
             root = self._register(root_key, info)
         if view is None:
             return root
-        if type(view) is not tuple or len(view) != 3:
-            raise pickle.UnpicklingError(f"{self.file}: malformed storage view {view!r}")
-        view_key, offset, size = view
+        view_key = view[0]
         found = self.storages.get(view_key)
         if found is not None:
             return found
         parent = self.info_of[id(root)]
-        start, end = offset * itemsize, (offset + size) * itemsize
-        if (
-            type(offset) is not int
-            or type(size) is not int
-            or offset < 0
-            or size < 0
-            or end > parent.nbytes
-        ):
-            raise CheckpointError(
-                f"{self.file}: storage view {view_key!r} lies outside its storage"
-            )
+        start, end = _format.storage_view_bytes(view, itemsize, parent.nbytes, self.file)
         info = StorageInfo(view_key, dtype, end - start, parent.location)
         info.parent, info.parent_offset = parent, start
         made = self.factory.view_storage(root, parent, info)
@@ -963,13 +948,6 @@ class _Reader:
                 f"{self.file}: persistent id names {storage_type!r}, which is not a storage type"
             )
         return storage_type.dtype
-
-    def _numel(self, key, numel) -> int:
-        if type(numel) is not int or numel < 0:
-            raise pickle.UnpicklingError(
-                f"{self.file}: storage {key!r} declares {numel!r} elements"
-            )
-        return numel
 
     def _register(self, key, info: StorageInfo):
         made = self.factory.storage(info)
@@ -989,34 +967,13 @@ class _Reader:
 
     def _tensor(self, storage, dtype: TorchDType, offset, size, stride, fn: str):
         info = self._storage_info(storage, fn)
-        size = self._ints(size, "size", fn)
-        stride = self._ints(stride, "stride", fn)
-        if type(offset) is not int or offset < 0 or len(size) != len(stride):
-            raise pickle.UnpicklingError(
-                f"{self.file}: {fn}: invalid view (offset {offset!r}, size {size}, stride {stride})"
-            )
-        problem = None
-        numel = 1
-        extent = offset
-        for n, s in zip(size, stride):
-            numel *= n
-            extent += (n - 1) * s
-        if numel and (extent + 1) * dtype.itemsize > info.nbytes:
-            where = f"record '{info.record}'" if info.record else f"storage {info.key!r}"
-            problem = (
-                f"{where}: tensor view (offset {offset}, size {size}, stride {stride}) of "
-                f"{dtype} reaches past the end of its {info.nbytes}-byte storage"
-            )
+        offset, size, stride = _format.view_geometry(offset, size, stride, fn, self.file)
+        problem = _format.view_overrun(offset, size, stride, dtype.itemsize, info.nbytes)
+        if problem is not None:
+            where = f"record '{info.record}'" if info.record else f"storage {_brief(info.key)}"
+            problem = f"{where}: {problem} ({dtype})"
             self.fail(problem)
         return self.factory.tensor(storage, info, dtype, offset, size, stride, problem)
-
-    def _ints(self, values, what: str, fn: str) -> tuple:
-        if not isinstance(values, (tuple, list)):
-            raise pickle.UnpicklingError(f"{self.file}: {fn}: {what} is {values!r}, not a tuple")
-        for v in values:
-            if type(v) is not int or v < 0:
-                raise pickle.UnpicklingError(f"{self.file}: {fn}: invalid {what} {tuple(values)!r}")
-        return tuple(values)
 
     def rebuild_tensor_v2(
         self,

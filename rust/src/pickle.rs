@@ -59,6 +59,10 @@ pub struct PickleScan {
     pub persistent_ids: usize,
     /// Number of BUILD opcodes (a weights-only load gives them torch's semantics).
     pub builds: usize,
+    /// SETITEM(S) / APPEND(S) whose target the scan cannot show to be a dict (or
+    /// `OrderedDict` / `Counter`) or a list: torch's weights-only unpickler refuses them
+    /// on anything else, which only a Python-level unpickler can check.
+    pub untyped_mutations: usize,
     /// A persistent id was memoized or duplicated: it can be reached twice.
     pub persistent_id_reused: bool,
     /// The protocol from the PROTO opcode (0 or 1 when absent).
@@ -81,9 +85,20 @@ pub struct PickleScan {
 enum Val {
     Str(usize, usize),
     Persid,
-    /// An object imported by GLOBAL / STACK_GLOBAL / EXT: a class or function.
-    Global,
+    /// An object imported by GLOBAL / STACK_GLOBAL / EXT: a class or function;
+    /// `dict_class` when it is `collections.OrderedDict` or `collections.Counter`.
+    Global {
+        dict_class: bool,
+    },
+    /// A dict (EMPTY_DICT, DICT) or what calling a dict class returns.
+    Dict,
+    /// A list (EMPTY_LIST, LIST).
+    List,
     Other,
+}
+
+fn is_dict_class(module: &[u8], name: &[u8]) -> bool {
+    module == b"collections" && (name == b"OrderedDict" || name == b"Counter")
 }
 
 /// The largest memo index accepted beyond the number of values memoized so far.
@@ -159,8 +174,9 @@ impl<'a> Scanner<'a> {
 /// tuple, so 24-byte entries were megabytes of fresh memory for a big state dict.
 #[derive(Default)]
 struct Memo {
-    /// Low 3 bits: 0 unset, 1 Persid, 2 Global, 3 Other, 4 a string (its length in
-    /// the next 24 bits, its start above), 5 a string in `long` (index above).
+    /// Low 3 bits: 0 unset, 1 Persid, 2 Global (bit 3: a dict class), 3 Other, 4 a
+    /// string (its length in the next 24 bits, its start above), 5 a string in `long`
+    /// (index above), 6 Dict, 7 List.
     keys: Vec<u64>,
     long: Vec<(usize, usize)>,
 }
@@ -170,8 +186,12 @@ impl Memo {
         let k = *self.keys.get(i)?;
         Some(match k & 7 {
             1 => Val::Persid,
-            2 => Val::Global,
+            2 => Val::Global {
+                dict_class: k & 8 != 0,
+            },
             3 => Val::Other,
+            6 => Val::Dict,
+            7 => Val::List,
             4 => {
                 let (len, start) = ((k >> 3) & 0xff_ffff, k >> 27);
                 Val::Str(start as usize, (start + len) as usize)
@@ -188,8 +208,10 @@ impl Memo {
     fn set(&mut self, i: usize, v: Val) -> bool {
         let k = match v {
             Val::Persid => 1,
-            Val::Global => 2,
+            Val::Global { dict_class } => 2 | (dict_class as u64) << 3,
             Val::Other => 3,
+            Val::Dict => 6,
+            Val::List => 7,
             Val::Str(a, b) if b - a < 1 << 24 && (a as u64) < 1 << 37 => {
                 4 | ((b - a) as u64) << 3 | (a as u64) << 27
             }
@@ -306,7 +328,9 @@ pub fn scan(data: &[u8]) -> Result<PickleScan> {
                 s.le(8)?;
                 push!(Val::Other)
             }
-            b'N' | 0x88 | 0x89 | b'}' | b']' | b')' | 0x8f => push!(Val::Other),
+            b'}' => push!(Val::Dict),
+            b']' => push!(Val::List),
+            b'N' | 0x88 | 0x89 | b')' | 0x8f => push!(Val::Other),
             b'P' => {
                 s.line()?;
                 out.persistent_ids += 1;
@@ -319,8 +343,11 @@ pub fn scan(data: &[u8]) -> Result<PickleScan> {
             }
             b'R' | 0x81 => {
                 pop!();
-                pop!();
-                push!(Val::Other)
+                let callable = pop!();
+                push!(match callable {
+                    Val::Global { dict_class: true } => Val::Dict,
+                    _ => Val::Other,
+                })
             }
             0x92 => {
                 pop!();
@@ -391,30 +418,36 @@ pub fn scan(data: &[u8]) -> Result<PickleScan> {
                 push!(Val::Other)
             }
             b'c' | b'i' => {
-                let m = text(s.line()?);
-                let n = text(s.line()?);
-                add_global(&mut out, m, n);
+                let m = s.line()?;
+                let n = s.line()?;
+                let dict_class = is_dict_class(m, n);
+                add_global(&mut out, text(m), text(n));
                 if op == b'i' {
                     pop_mark!();
-                    push!(Val::Other)
+                    push!(if dict_class { Val::Dict } else { Val::Other })
                 } else {
-                    push!(Val::Global)
+                    push!(Val::Global { dict_class })
                 }
             }
             0x93 => {
                 let name = pop!();
                 let module = pop!();
-                match (module, name) {
+                let dict_class = match (module, name) {
                     (Val::Str(m0, m1), Val::Str(n0, n1)) => {
-                        add_global(&mut out, text(&data[m0..m1]), text(&data[n0..n1]))
+                        add_global(&mut out, text(&data[m0..m1]), text(&data[n0..n1]));
+                        is_dict_class(&data[m0..m1], &data[n0..n1])
                     }
-                    _ => add_global(&mut out, "<dynamic>".into(), "<dynamic>".into()),
-                }
-                push!(Val::Global)
+                    _ => {
+                        add_global(&mut out, "<dynamic>".into(), "<dynamic>".into());
+                        false
+                    }
+                };
+                push!(Val::Global { dict_class })
             }
             b'a' => {
                 pop!();
                 mutation_target(&mut out, &stack, "APPEND", op_pos);
+                typed_target(&mut out, &stack, Val::List);
             }
             b'e' | b'u' | 0x90 => {
                 pop_mark!();
@@ -424,13 +457,27 @@ pub fn scan(data: &[u8]) -> Result<PickleScan> {
                     _ => "ADDITEMS",
                 };
                 mutation_target(&mut out, &stack, name, op_pos);
+                match op {
+                    b'e' => typed_target(&mut out, &stack, Val::List),
+                    b'u' => typed_target(&mut out, &stack, Val::Dict),
+                    _ => {}
+                }
             }
             b's' => {
                 pop!();
                 pop!();
                 mutation_target(&mut out, &stack, "SETITEM", op_pos);
+                typed_target(&mut out, &stack, Val::Dict);
             }
-            b'd' | b'l' | b't' | 0x91 => {
+            b'd' => {
+                pop_mark!();
+                push!(Val::Dict)
+            }
+            b'l' => {
+                pop_mark!();
+                push!(Val::List)
+            }
+            b't' | 0x91 => {
                 pop_mark!();
                 push!(Val::Other)
             }
@@ -508,7 +555,7 @@ pub fn scan(data: &[u8]) -> Result<PickleScan> {
                 };
                 s.le(w)?;
                 out.unsafe_opcodes.push(format!("EXT{w}"));
-                push!(Val::Global)
+                push!(Val::Global { dict_class: false })
             }
             0x97 => {
                 out.unsafe_opcodes.push("NEXT_BUFFER".into());
@@ -525,9 +572,20 @@ pub fn scan(data: &[u8]) -> Result<PickleScan> {
     Ok(out)
 }
 
+/// Counts a SETITEM / APPEND whose target is not known to be of the kind it needs.
+fn typed_target(out: &mut PickleScan, stack: &[Val], kind: Val) {
+    let ok = matches!(
+        (stack.last(), kind),
+        (Some(Val::Dict), Val::Dict) | (Some(Val::List), Val::List)
+    );
+    if !ok {
+        out.untyped_mutations += 1;
+    }
+}
+
 /// Records an unsafe mutation when the object an opcode modifies is an imported global.
 fn mutation_target(out: &mut PickleScan, stack: &[Val], opcode: &str, at: usize) {
-    if matches!(stack.last(), Some(Val::Global)) {
+    if matches!(stack.last(), Some(Val::Global { .. })) {
         out.unsafe_opcodes
             .push(format!("{opcode} on an imported global (at byte {at})"));
     }
@@ -576,7 +634,10 @@ mod tests {
         let mut m = Memo::default();
         let vals = [
             Val::Persid,
-            Val::Global,
+            Val::Global { dict_class: false },
+            Val::Global { dict_class: true },
+            Val::Dict,
+            Val::List,
             Val::Other,
             Val::Str(0, 0),
             Val::Str(12, 40),
@@ -594,6 +655,23 @@ mod tests {
             let got = m.get(i * 3).expect("set");
             assert_eq!(format!("{got:?}"), format!("{v:?}"));
         }
+    }
+
+    #[test]
+    fn counts_setitem_and_append_on_targets_of_unknown_kind() {
+        // A state dict as torch pickles it: OrderedDict() via REDUCE, then SETITEMS;
+        // a list with APPENDS; a dict through the memo: nothing to flag.
+        let ok = b"\x80\x02ccollections\nOrderedDict\nq\x00)Rq\x01(X\x01\x00\x00\x00a]q\x02(K\x01K\x02eu}q\x03h\x03K\x01K\x02s0.";
+        assert_eq!(scan(ok).unwrap().untyped_mutations, 0);
+        // SETITEM on what a REDUCE of another global returned (a tensor, say).
+        let bad = b"\x80\x02cbuiltins\nbytearray\nq\x00)RK\x00K\x01s.";
+        assert_eq!(scan(bad).unwrap().untyped_mutations, 1);
+        // APPEND on a dict, SETITEM on a list.
+        assert_eq!(scan(b"\x80\x02}K\x01a.").unwrap().untyped_mutations, 1);
+        assert_eq!(scan(b"\x80\x02]K\x01K\x02s.").unwrap().untyped_mutations, 1);
+        // A Counter via STACK_GLOBAL is a dict class too.
+        let counter = b"\x80\x04\x8c\x0bcollections\x8c\x07Counter\x93)RK\x01K\x02s.";
+        assert_eq!(scan(counter).unwrap().untyped_mutations, 0);
     }
 
     #[test]

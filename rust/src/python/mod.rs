@@ -57,6 +57,7 @@ fn scan_pickle<'py>(py: Python<'py>, data: &[u8], file: &str) -> PyResult<Bound<
     d.set_item("persistent_ids", s.persistent_ids)?;
     d.set_item("persistent_id_reused", s.persistent_id_reused)?;
     d.set_item("builds", s.builds)?;
+    d.set_item("untyped_mutations", s.untyped_mutations)?;
     d.set_item("protocol", s.protocol)?;
     d.set_item("unsafe_opcodes", s.unsafe_opcodes)?;
     d.set_item("end", s.end)?;

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import pickle
 import reprlib
+import struct
 from typing import Any, NamedTuple, Optional, Union
 
 from ._fastserial import CheckpointError
@@ -173,3 +174,41 @@ def view_overrun(offset: int, size: tuple, stride: tuple, itemsize: int, nbytes:
         f"tensor view (offset {offset}, size {size}, stride {stride}) reaches past the "
         f"end of its {nbytes}-byte storage"
     )
+
+
+#: What Python's unpickler (and the functions a pickle may call) raise for a pickle
+#: that ends early or calls an allowed function with the wrong arguments.
+MALFORMED_PICKLE_ERRORS = (
+    AssertionError,  # torch's set_tensor_metadata on metadata that is not a dict
+    EOFError,
+    ValueError,
+    LookupError,  # KeyError, IndexError, and codecs' unknown encodings
+    TypeError,
+    AttributeError,
+    OverflowError,
+    struct.error,
+)
+
+
+class WeightsOnlyRuntimeError(pickle.UnpicklingError, RuntimeError):
+    """A weights-only load failed because torch raised ``RuntimeError`` while rebuilding
+    an object from the pickle's arguments (an unknown qscheme, say): the file is at
+    fault, so it is an ``UnpicklingError``, and still the ``RuntimeError`` torch.load
+    raises for such a file."""
+
+
+def unpickling_failure(e: BaseException, file: str, where: str) -> Optional[Exception]:
+    """The typed exception a weights-only (or never-executing) load raises for ``e``,
+    raised while a pickle ran, or None when ``e`` propagates unchanged: typed refusals
+    already, and exceptions no pickle causes. The caller lets what a user callable
+    raised (``map_location``) through before asking."""
+    if isinstance(e, (CheckpointError, pickle.UnpicklingError, RecursionError, MemoryError)):
+        return None
+    if isinstance(e, RuntimeError):
+        # torch's RuntimeError from a rebuild the pickle called with bad arguments.
+        return WeightsOnlyRuntimeError(f"{file}: weights-only load failed {where}: {e}")
+    if isinstance(e, MALFORMED_PICKLE_ERRORS):
+        return pickle.UnpicklingError(
+            f"{file}: weights-only load failed {where}: {type(e).__name__}: {e}"
+        )
+    return None

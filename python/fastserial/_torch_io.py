@@ -15,7 +15,6 @@ import gc
 import io
 import os
 import pickle
-import struct
 import sys
 import threading
 import warnings
@@ -627,11 +626,7 @@ class _LazyGuard:
         return repr(self.fn)
 
 
-class WeightsOnlyRuntimeError(pickle.UnpicklingError, RuntimeError):
-    """A weights-only load failed because torch raised ``RuntimeError`` while rebuilding
-    an object from the pickle's arguments (an unknown qscheme, say): the file is at
-    fault, so it is an ``UnpicklingError``, and still the ``RuntimeError`` torch.load
-    raises for such a file."""
+WeightsOnlyRuntimeError = _format.WeightsOnlyRuntimeError
 
 
 def _unpickling_error(msg: str) -> pickle.UnpicklingError:
@@ -697,25 +692,11 @@ class _ZipLoader:
 
     def unpickling_failure(self, e: Exception, where: str) -> Optional[Exception]:
         """What a weights-only load raises for ``e``, raised while the pickle ran (``where``
-        says which pickle), or None when ``e`` propagates unchanged: whatever a user
-        callable (``map_location``) raised, typed refusals, and, without weights_only,
-        everything."""
+        says which pickle), or None when ``e`` propagates unchanged (see
+        ``_format.unpickling_failure``)."""
         if not self.weights_only or e is self.user_error:
             return None
-        if isinstance(e, (CheckpointError, pickle.UnpicklingError, RecursionError, MemoryError)):
-            return None
-        if isinstance(e, RuntimeError):
-            # torch's RuntimeError from a rebuild the pickle called with bad arguments:
-            # the file is at fault, so it is an UnpicklingError, and it stays the
-            # RuntimeError torch.load raises for such a file.
-            return WeightsOnlyRuntimeError(f"{self.file}: weights-only load failed {where}: {e}")
-        if isinstance(e, _MALFORMED_PICKLE_ERRORS):
-            # What the unpickler raises for pickles that call allowed functions wrongly
-            # or end early.
-            return _unpickling_error(
-                f"{self.file}: weights-only load failed {where}: {type(e).__name__}: {e}"
-            )
-        return None
+        return _format.unpickling_failure(e, self.file, where)
 
     def _byteorder(self) -> str:
         if self.archive.has("byteorder"):
@@ -1257,17 +1238,7 @@ def _is_dtype_global(full: str) -> bool:
     return isinstance(getattr(torch, full[6:], None), torch.dtype)
 
 
-_MALFORMED_PICKLE_ERRORS = (
-    AssertionError,  # torch's set_tensor_metadata on metadata that is not a dict
-    EOFError,
-    ValueError,
-    KeyError,
-    IndexError,
-    TypeError,
-    AttributeError,
-    OverflowError,
-    struct.error,
-)
+_MALFORMED_PICKLE_ERRORS = _format.MALFORMED_PICKLE_ERRORS
 
 
 def _cpu_stays_cpu(map_location) -> bool:

@@ -769,29 +769,19 @@ class _Reader:
             return unpickler.load()
         except (CheckpointError, pickle.UnpicklingError, UnsupportedTensorError, RecursionError):
             raise
-        except EOFError as e:
-            raise CheckpointError(f"{self.file}: the pickle ends early: {e}") from e
         except MemoryError as e:
             if not self.unscanned:
                 raise
             raise CheckpointError(
                 f"{self.file}: the pickle declares an object larger than memory (corrupted?)"
             ) from e
-        except (
-            ValueError,
-            KeyError,
-            IndexError,
-            TypeError,
-            AttributeError,
-            LookupError,
-            struct.error,
-        ) as e:
-            if self.mode != "trusting":
-                raise pickle.UnpicklingError(
-                    f"{self.file}: weights-only load failed while unpickling: "
-                    f"{type(e).__name__}: {e}"
-                ) from e
-            raise
+        except Exception as e:
+            if self.mode == "trusting":
+                raise
+            wrapped = _format.unpickling_failure(e, self.file, "while unpickling")
+            if wrapped is None:
+                raise
+            raise wrapped from e
 
     def _scan(self, stream) -> None:
         """The native scan of the pickle starting at the stream's position (legacy

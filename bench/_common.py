@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import datetime
 import gc
+import glob
 import importlib
 import inspect
+import itertools
 import json
+import math
+import mmap
 import os
 import platform
 import resource
@@ -21,11 +25,16 @@ import subprocess
 import sys
 import time
 import traceback
+from collections.abc import Mapping
 
 import torch
 from _fmt import GiB, KiB, MiB, fmt_ratio, fmt_size, fmt_time  # noqa: F401 - re-exported
 
 ALL_LIBS = ("torch", "safetensors", "fastserial")
+# Other fast checkpoint libraries, benchmarked by bench.py when installed
+# (pip install ".[peers]"); each is skipped with a message when it is not.
+PEER_LIBS = ("tensorizer", "runai-model-streamer", "fastsafetensors")
+BENCH_LIBS = ALL_LIBS + PEER_LIBS
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(HERE)
 
@@ -46,6 +55,11 @@ def release_freed_memory():
     many small tensors could reuse already-faulted pages and look several
     times faster than the same load in a fresh process."""
     gc.collect()
+    trim_freed_memory()
+
+
+def trim_freed_memory():
+    """malloc_trim(0) alone (when glibc tuning is on)."""
     if _LIBC is not None:
         _LIBC.malloc_trim(0)
 
@@ -118,9 +132,33 @@ class Impl:
 
     # Whether this library reads/writes the torch zip format (cross-loading).
     torch_format = False
+    # A peer (bench.py's optional comparison libraries, PEER_LIBS).
+    peer = False
+    # The library whose format load() reads, when not this one's own (see prepare_load_file).
+    reads_format = None
+    # Whether save() / load_mmap() exist for this library (a missing one is a "-" cell).
+    can_save = True
+    can_mmap = True
 
     def extra_meta(self) -> dict:
         return {}
+
+    def saved_files(self, path) -> list:
+        """The files save(obj, path) writes (one, unless the library shards)."""
+        return [path]
+
+    def remove_saved(self, path):
+        for f in self.saved_files(path):
+            rm(f)
+
+    def prepare_load_file(self, obj, path, donor=None):
+        """Make sure ``path`` holds ``obj`` in the format load() reads (untimed).
+
+        Libraries whose save() writes that file have it already, from the last save;
+        readers of another library's format (``reads_format``) link the ``donor`` file
+        of that format when there is one, or write it themselves."""
+        if not os.path.exists(path):
+            self.save(obj, path)
 
 
 class TorchImpl(Impl):
@@ -285,6 +323,203 @@ class FastserialImpl(Impl):
         }
 
 
+# --------------------------------------------------------------------------
+# Peers: each used the way its own documentation gives as the fast path on a CPU
+# (the call is recorded in meta.libs.<lib>.api; see bench/README.md for the sources)
+# --------------------------------------------------------------------------
+
+
+def _import_peer(module, dist):
+    try:
+        mod = importlib.import_module(module)
+    except Exception as e:
+        raise LibUnavailable(
+            f"not installed/unavailable (import {module}: {type(e).__name__}: {e}); "
+            'pip install ".[peers]" to include it'
+        ) from e
+    try:
+        from importlib.metadata import version
+
+        ver = version(dist)
+    except Exception:
+        ver = str(getattr(mod, "__version__", "?"))
+    return mod, ver
+
+
+def _version_tuple(v):
+    out = []
+    for part in str(v).split(".")[:3]:
+        digits = "".join(itertools.takewhile(str.isdigit, part))
+        out.append(int(digits) if digits else 0)
+    return tuple(out)
+
+
+class _SafetensorsReader(Impl):
+    """A peer that reads safetensors files: its input is the file safetensors.torch.save_file
+    writes, made once per workload outside the timed region (a hard link to the safetensors
+    library's own file when that exists)."""
+
+    ext = ".safetensors"
+    reads_format = "safetensors"
+    peer = True
+    can_mmap = False
+
+    def prepare_load_file(self, obj, path, donor=None):
+        if os.path.exists(path):
+            return
+        if donor and os.path.exists(donor):
+            try:
+                os.link(donor, path)
+                return
+            except OSError:
+                pass
+        import safetensors.torch as st
+
+        st.save_file(obj, path)
+
+
+class TensorizerImpl(Impl):
+    """CoreWeave tensorizer: its own format (TensorSerializer), read back by
+    TensorDeserializer. README "Concurrent Reads": num_readers > 1 "can greatly improve
+    performance"; the default (None) picks it dynamically, 8 readers for a local file.
+    Eager: lazy_load=False (the default: every tensor read in the constructor). Lazy (the
+    mmap rows; tensorizer has no mmap mode): lazy_load=True, tensors read on access."""
+
+    name = "tensorizer"
+    ext = ".tensors"
+    peer = True
+
+    def __init__(self):
+        mod, self.version = _import_peer("tensorizer", "tensorizer")
+        self._ser, self._deser = mod.TensorSerializer, mod.TensorDeserializer
+        self.describe = {
+            "save": "s = TensorSerializer(path); s.write_state_dict(obj); s.close()",
+            "load": "with TensorDeserializer(path, device='cpu') as d: dict(d)  "
+            "(eager; num_readers=None: dynamic, 8 for a local file)",
+            "mmap": "TensorDeserializer(path, device='cpu', lazy_load=True)  "
+            "(no mmap mode: the lazy mode, every tensor read on first access)",
+        }
+
+    def save(self, obj, path):
+        s = self._ser(path)
+        try:
+            s.write_state_dict(obj)
+        except RuntimeError as e:
+            if "Metadata overflow" in str(e):
+                raise RuntimeError(
+                    f"{e} (tensorizer reserves a fixed 256 KiB for the metadata of all "
+                    "tensors; this many entries do not fit)"
+                ) from e
+            raise
+        finally:
+            s.close()
+
+    def load(self, path):
+        with self._deser(path, device="cpu") as d:
+            return dict(d)
+
+    def load_mmap(self, path):
+        return self._deser(path, device="cpu", lazy_load=True)
+
+
+class RunaiStreamerImpl(_SafetensorsReader):
+    """Run:ai Model Streamer: reads safetensors files with a pool of C++ threads
+    (RUNAI_STREAMER_CONCURRENCY, default 16 for a file system: its docs/src/env-vars.md;
+    docs/src/benchmarks.md found 16 fastest). stream_file(owned=True), the default since
+    0.17: every yielded tensor belongs to the caller, no clone needed. No save, no mmap."""
+
+    name = "runai-model-streamer"
+    can_save = False
+
+    def __init__(self):
+        mod, self.version = _import_peer("runai_model_streamer", "runai-model-streamer")
+        self._streamer = mod.SafetensorsStreamer
+        try:  # before owned=True (0.17), yielded tensors live in the streamer's buffers
+            params = inspect.signature(self._streamer.stream_file).parameters
+            self._clone = "owned" not in params
+        except (TypeError, ValueError):
+            self._clone = True
+        self.describe = {
+            "save": None,
+            "load": "with SafetensorsStreamer() as s: s.stream_file(path); "
+            + (
+                "{k: t.clone() for k, t in s.get_tensors()}"
+                if self._clone
+                else "dict(s.get_tensors())"
+            )
+            + "  (of the safetensors file; concurrency default 16)",
+            "mmap": None,
+        }
+
+    def save(self, obj, path):
+        raise NotImplementedError("runai-model-streamer only reads")
+
+    def load(self, path):
+        with self._streamer() as s:
+            s.stream_file(path)
+            if self._clone:
+                return {k: t.clone() for k, t in s.get_tensors()}
+            return dict(s.get_tensors())
+
+
+class FastsafetensorsImpl(_SafetensorsReader):
+    """fastsafetensors: reads safetensors files without mmap, in parallel, into one buffer
+    (docs/overview.md: on a machine without GPU Direct Storage, ``nogds=True``,
+    ``device="cpu"``, through fastsafe_open; since 0.5 its tensors stay valid after the
+    context closes, no clone). Saves with ParallelSaver, whose docs say separate files
+    write in parallel where one file serializes on its inode: its defaults, 16 shard files
+    and 8 threads (so its save writes 16 files, not one). No mmap (by design)."""
+
+    name = "fastsafetensors"
+
+    def __init__(self):
+        mod, self.version = _import_peer("fastsafetensors", "fastsafetensors")
+        self._open = mod.fastsafe_open
+        # Before 0.5 its tensors lived in buffers that close() frees: its docs say clone.
+        self._clone = _version_tuple(self.version) < (0, 5)
+        self._saver = mod.ParallelSaver() if hasattr(mod, "ParallelSaver") else None
+        self.can_save = self._saver is not None
+        self.describe = {
+            "save": "ParallelSaver().save(obj, base)  (defaults: 16 shard files, 8 threads)"
+            if self.can_save
+            else None,
+            "load": "with fastsafe_open(filenames=[path], nogds=True, device='cpu') as f: "
+            + (
+                "{k: f.get_tensor(k).clone() for k in f.get_keys()}"
+                if self._clone
+                else "{k: f.get_tensor(k) for k in f.keys()}"
+            )
+            + "  (of the safetensors file)",
+            "mmap": None,
+        }
+
+    @staticmethod
+    def _base(path):
+        return os.path.splitext(path)[0] + ".saved"
+
+    def saved_files(self, path):
+        return sorted(glob.glob(glob.escape(self._base(path)) + "-*-of-*.safetensors"))
+
+    def save(self, obj, path):
+        self._saver.save(obj, self._base(path))
+
+    def load(self, path):
+        with self._open(filenames=[path], nogds=True, device="cpu") as f:
+            if self._clone:
+                return {k: f.get_tensor(k).clone() for k in f.get_keys()}
+            return {k: f.get_tensor(k) for k in f.keys()}
+
+
+PEER_IMPLS = {
+    "tensorizer": TensorizerImpl,
+    "runai-model-streamer": RunaiStreamerImpl,
+    "fastsafetensors": FastsafetensorsImpl,
+}
+
+
+UNAVAILABLE: dict = {}  # library -> why it was skipped (make_impls fills it; in meta)
+
+
 def make_impls(only, impl_module="fastserial", threads=None, explicit=False):
     """Instantiate the requested libraries.
 
@@ -301,16 +536,24 @@ def make_impls(only, impl_module="fastserial", threads=None, explicit=False):
                 impls.append(SafetensorsImpl())
             elif name == "fastserial":
                 impls.append(FastserialImpl(impl_module, threads))
+            elif name in PEER_IMPLS:
+                impls.append(PEER_IMPLS[name]())
             else:
-                raise SystemExit(f"unknown library {name!r}; choose from {', '.join(ALL_LIBS)}")
+                raise SystemExit(f"unknown library {name!r}; choose from {', '.join(BENCH_LIBS)}")
         except LibUnavailable as e:
+            UNAVAILABLE[name] = str(e)
             msg = f"{name} unavailable: {e}"
             if explicit:
-                raise SystemExit(
-                    f"error: {msg}\n"
-                    "  Build/install it first, drop it from --only, or benchmark a stand-in with "
-                    "--impl-module torch."
-                ) from None
+                hint = (
+                    "  Install it first or drop it from --only."
+                    if name in PEER_IMPLS
+                    else "  Build/install it first, drop it from --only, or benchmark a stand-in "
+                    "with --impl-module torch."
+                )
+                raise SystemExit(f"error: {msg}\n{hint}") from None
+            if name in PEER_IMPLS:
+                log(f"note: {msg} -> skipped")
+                continue
             log(
                 f"warning: {msg}\n"
                 f"  -> continuing without {name}. (Use --only to choose libraries, or "
@@ -329,7 +572,7 @@ def start_run(args):
     proc_cfg = configure_process(args.torch_threads, args.mallopt)
     SYNC_BEFORE_WRITES = proc_cfg["sync_before_saves"] = args.sync
     impls = make_impls(args.lib_list, args.impl_module, args.threads, explicit=args.explicit_only)
-    libs = [l for l in ALL_LIBS if any(i.name == l for i in impls)]
+    libs = [l for l in BENCH_LIBS if any(i.name == l for i in impls)]
     return proc_cfg, impls, libs
 
 
@@ -408,7 +651,7 @@ def build_workload(name: str, quick: bool):
 def iter_tensors(obj):
     if isinstance(obj, torch.Tensor):
         yield obj
-    elif isinstance(obj, dict):
+    elif isinstance(obj, (dict, Mapping)):
         for v in obj.values():
             yield from iter_tensors(v)
     elif isinstance(obj, (list, tuple)):
@@ -428,7 +671,7 @@ def touch(obj):
 
 def verify(ref, got) -> str:
     """'ok' or a short description of the first difference."""
-    if not isinstance(got, dict):
+    if not isinstance(got, (dict, Mapping)):
         return f"MISMATCH: result is {type(got).__name__}, expected dict"
     if set(ref) != set(got):
         missing = len(set(ref) - set(got))
@@ -514,6 +757,70 @@ def raw_read_into(shapes_dtypes, path):
             f.readinto(memoryview(t.numpy()).cast("B"))
             out.append(t)
     return out
+
+
+# The floor: what the machine does with the same bytes and no format at all.
+# Single calls, no per-tensor work, so no library can beat them by more than noise.
+
+
+def _iov_max():
+    try:
+        return os.sysconf("SC_IOV_MAX")
+    except (AttributeError, ValueError, OSError):
+        return 1024
+
+
+def writev_floor(obj, path):
+    """Floor for save: every tensor's bytes in one os.writev (IOV_MAX buffers per call,
+    one call for up to 1024 tensors), open + close included."""
+    bufs = [memoryview(t.numpy()).cast("B") for t in iter_tensors(obj)]
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        step = _iov_max()
+        for i in range(0, len(bufs), step):
+            batch = bufs[i : i + step]
+            left = sum(len(b) for b in batch)
+            n = os.writev(fd, batch)
+            while n < left:  # a short write (> 2 GiB in one call, a signal): the rest
+                left -= n
+                for j, b in enumerate(batch):
+                    if n < len(b):
+                        batch = [b[n:]] + batch[j + 1 :]
+                        break
+                    n -= len(b)
+                n = os.writev(fd, batch)
+    finally:
+        os.close(fd)
+
+
+def readinto_floor(path, buf):
+    """Floor for eager load: the whole file in one readinto into ``buf``, a preallocated
+    uint8 tensor of its size (fresh pages: the page faults are in the time; reused pages:
+    a copy from the page cache and nothing else). Open + close included."""
+    mv = memoryview(buf.numpy()).cast("B")
+    with open(path, "rb", buffering=0) as f:
+        got = f.readinto(mv)
+        while 0 < got < len(mv):  # reads stop at 2 GiB - 4 KiB on Linux
+            n = f.readinto(mv[got:])
+            if not n:
+                break
+            got += n
+    return buf
+
+
+def mmap_floor(path):
+    """Floor for mmap load: one private mapping of the whole file (as torch.load(mmap=True)
+    makes), as a float32 tensor. Nothing is read until it is touched."""
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    n = len(mm) // 4
+    return torch.frombuffer(mm, dtype=torch.float32, count=n) if n else torch.empty(0)
+
+
+def percentile(values, q):
+    """Nearest-rank percentile (q in [0, 1]): a value that was measured."""
+    s = sorted(values)
+    return s[max(0, min(len(s) - 1, math.ceil(q * len(s)) - 1))]
 
 
 def parse_size(s: str) -> int:
@@ -740,6 +1047,8 @@ def system_meta(impls, extra=None) -> dict:
         meta["safetensors"] = safetensors.__version__
     except Exception:
         meta["safetensors"] = None
+    if UNAVAILABLE:
+        meta["unavailable"] = dict(UNAVAILABLE)
     fs = next((i for i in impls if i.name == "fastserial"), None)
     meta["fastserial"] = (
         None
@@ -756,14 +1065,27 @@ def system_meta(impls, extra=None) -> dict:
 
 
 def meta_lines(meta) -> list:
-    return [
-        f"date: {meta['date']}",
-        f"cpu: {meta['cpu_model']} (platform.processor()={meta['processor']!r}), "
-        f"{meta['cpu_count']} cores ({meta['cpus_usable']} usable), RAM {fmt_size(meta['ram_bytes'])}",
-        f"os: {meta['platform']}, python {meta['python']}, load average at start {meta['loadavg_at_start'][0]}",
-        f"torch {meta['torch']} (intra-op threads set to {meta['torch_num_threads']}), "
-        f"safetensors {meta['safetensors']}, fastserial {meta['fastserial']}",
-    ]
+    return (
+        [
+            f"date: {meta['date']}",
+            f"cpu: {meta['cpu_model']} (platform.processor()={meta['processor']!r}), "
+            f"{meta['cpu_count']} cores ({meta['cpus_usable']} usable), RAM {fmt_size(meta['ram_bytes'])}",
+            f"os: {meta['platform']}, python {meta['python']}, load average at start {meta['loadavg_at_start'][0]}",
+            f"torch {meta['torch']} (intra-op threads set to {meta['torch_num_threads']}), "
+            f"safetensors {meta['safetensors']}, fastserial {meta['fastserial']}",
+        ]
+        + (
+            [
+                "peers: "
+                + ", ".join(
+                    f"{l} {meta['libs'][l]['version']}" for l in PEER_LIBS if l in meta["libs"]
+                )
+            ]
+            if any(l in meta["libs"] for l in PEER_LIBS)
+            else []
+        )
+        + [f"not measured: {l}: {why}" for l, why in meta.get("unavailable", {}).items()]
+    )
 
 
 # --------------------------------------------------------------------------

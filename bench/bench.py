@@ -1,5 +1,7 @@
 #!/usr/bin/env python3
-"""fastserial benchmark: torch vs safetensors vs fastserial.
+"""fastserial benchmark: torch vs safetensors vs fastserial, and the peers
+(tensorizer, runai-model-streamer, fastsafetensors) when installed, beside the floor:
+the same bytes with one writev / one readinto / one mmap.
 
     python bench/bench.py                        # full run (all workloads, all ops)
     python bench/bench.py --quick                # smoke test with small sizes
@@ -24,6 +26,7 @@ if len(sys.argv) >= 3 and sys.argv[1] == "--child":
     sys.exit(child_main(sys.argv[2]))
 
 import argparse
+import gc
 import json
 import shutil
 import tempfile
@@ -31,21 +34,28 @@ import time
 import traceback
 from math import prod
 
+import torch
 from _common import (
-    ALL_LIBS,
+    BENCH_LIBS,
+    PEER_LIBS,
     WORKLOAD_DESC,
     WORKLOADS,
     GiB,
     MiB,
+    build_from_shapes,
     build_workload,
     check_tmpdir,
     data_bytes,
     emit_report,
+    gpt2_shapes,
     iter_tensors,
     log,
     meta_lines,
+    mmap_floor,
+    percentile,
     raw_read_into,
     raw_write,
+    readinto_floor,
     release_freed_memory,
     render_table,
     rm,
@@ -55,9 +65,11 @@ from _common import (
     timed,
     timed_write,
     touch,
+    trim_freed_memory,
     verify,
     warm_file,
     workload_shapes,
+    writev_floor,
 )
 from _fmt import fmt_ratio, fmt_size, fmt_time  # the formatting report.py uses too
 
@@ -74,6 +86,23 @@ OP_LABEL = {
 MEM_OPS = ("save", "load")
 MEM_LABEL = {"save": "peak RSS delta, save", "load": "peak RSS delta, eager load"}
 
+# The "floor" column: the same tensor bytes with no format, one system call each
+# (measured with --ops raw, interleaved with the libraries' rounds).
+FLOOR = "floor"
+FLOOR_DESC = {
+    "save": "os.writev of every tensor's bytes (one call per IOV_MAX = 1024 tensors), open + close",
+    "load": "one readinto of the whole file into a preallocated uint8 tensor (fresh pages: "
+    "the page faults are in the time), open + close",
+    "mmap": "one mmap of the whole file (MAP_PRIVATE), as a float32 tensor",
+    "mmap_touch": "that mmap, then one .sum() over all of it",
+    "memory": "the loaded object itself at rest: the same tensors made by torch.zeros, nothing read",
+}
+
+# Small files: a checkpoint of a few MB loaded many times in a row (--small N).
+SMALL_SHAPES = gpt2_shapes(n_layer=1, vocab=1024, n_ctx=256, d=256)
+SMALL_DESC = "GPT-2 shapes with 1 layer, d 256, vocab 1024, ctx 256, float32"
+SMALL_KEY = "small_files"  # its key in the results (and in the JSON, beside "workloads")
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
@@ -87,10 +116,20 @@ def parse_args(argv=None):
     p.add_argument(
         "--only",
         default=None,
-        help="comma list of libraries (default: all of " + ", ".join(ALL_LIBS) + ")",
+        help="comma list of libraries (default: all of "
+        + ", ".join(BENCH_LIBS)
+        + "; peers that are not installed are reported and skipped)",
     )
     p.add_argument("--repeats", type=int, default=3, help="timings are the min of this many runs")
     p.add_argument("--quick", action="store_true", help="small sizes, for smoke testing")
+    p.add_argument(
+        "--small",
+        type=int,
+        default=200,
+        metavar="N",
+        help="eager-load a checkpoint of a few MB N times in a row per library and report "
+        "p50/p99 latency (0: skip)",
+    )
     p.add_argument(
         "--impl-module",
         default="fastserial",
@@ -145,12 +184,14 @@ def parse_args(argv=None):
         if o not in OPS:
             p.error(f"unknown op {o!r}")
     a.explicit_only = a.only is not None
-    a.lib_list = [l.strip() for l in (a.only or ",".join(ALL_LIBS)).split(",") if l.strip()]
+    a.lib_list = [l.strip() for l in (a.only or ",".join(BENCH_LIBS)).split(",") if l.strip()]
     for l in a.lib_list:
-        if l not in ALL_LIBS:
+        if l not in BENCH_LIBS:
             p.error(f"unknown library {l!r}")
     if a.repeats < 1:
         p.error("--repeats must be >= 1")
+    if a.small < 0:
+        p.error("--small must be >= 0")
     return a
 
 
@@ -201,32 +242,49 @@ def run_workload(name, impls, args, tmpdir):
     # archive's record prefix from the file name, so this keeps the torch and
     # fastserial files byte-comparable.
     paths = {i.name: os.path.join(tmpdir, i.name, f"{name}{i.ext}") for i in impls}
-    for p in paths.values():
+    floor_on = "raw" in ops
+    floor_path = os.path.join(tmpdir, FLOOR, f"{name}.bin")
+    for p in [*paths.values(), floor_path]:
         os.makedirs(os.path.dirname(p), exist_ok=True)
     log(f"[{name}] {ntensors} tensors, {fmt_size(nbytes)}")
+    savers = [i for i in impls if i.can_save]
 
-    # ---- save (timed), which also produces the files used by every load ----
+    # ---- save (timed), which also produces the files used by every load; the floor
+    # (one writev of the same bytes) runs in the same rounds ----
     if "save" in ops:
         for rep in range(R):
-            for impl in impls:
+            for impl in savers:
                 if rec.failed("save", impl.name):
                     continue
-                rm(paths[impl.name])
+                impl.remove_saved(paths[impl.name])
                 try:
                     secs = timed_write(impl.save, obj, paths[impl.name])
                 except Exception as e:
-                    rm(paths[impl.name])
+                    impl.remove_saved(paths[impl.name])
                     rec.add_error("save", impl.name, e)
                     continue
                 rec.add_time("save", impl.name, secs)
-                log(f"  save  {impl.name:<12} run {rep + 1}/{R}: {fmt_time(secs)}")
+                log(f"  save  {impl.name:<20} run {rep + 1}/{R}: {fmt_time(secs)}")
+            if floor_on:
+                rm(floor_path)
+                secs = timed_write(writev_floor, obj, floor_path)
+                rec.add_time("save", FLOOR, secs)
+                log(f"  save  {'floor (writev)':<20} run {rep + 1}/{R}: {fmt_time(secs)}")
     else:
-        for impl in impls:
+        for impl in savers:
             try:
                 impl.save(obj, paths[impl.name])
             except Exception as e:
-                rm(paths[impl.name])
+                impl.remove_saved(paths[impl.name])
                 rec.add_error("save", impl.name, e)
+        if floor_on:
+            writev_floor(obj, floor_path)
+    for impl in savers:
+        files = [f for f in impl.saved_files(paths[impl.name]) if os.path.exists(f)]
+        if files:
+            res["file_bytes"][impl.name] = sum(os.path.getsize(f) for f in files)
+        if files != [paths[impl.name]]:  # e.g. shards: not what its load reads
+            impl.remove_saved(paths[impl.name])
     # ---- fastserial's default, durable save: the same, plus fsync of the file and
     # its directory before the rename. torch.save never syncs, so this row has no
     # torch number: it shows what durability costs on this disk.
@@ -243,11 +301,29 @@ def run_workload(name, impls, args, tmpdir):
             rec.add_time("save_durable", "fastserial", secs)
             log(f"  save+fsync fastserial   run {rep + 1}/{R}: {fmt_time(secs)}")
         rm(durable_path)
+    # Every library's input for the loads, in its own format, written outside the timed
+    # region: the last save's file, or (for readers of safetensors files) the file
+    # safetensors.torch.save_file writes.
+    donor = paths.get("safetensors")
+    for impl in impls:
+        if impl.reads_format is None and rec.failed("save", impl.name):
+            # No file of its own to load; a half-written one is removed by then.
+            for op in ("load", "mmap", "mmap_touch"):
+                if op in ops and (op == "load" or impl.can_mmap):
+                    res["times"].setdefault(op, {})[impl.name] = {
+                        "error": "no file to load: its save failed"
+                    }
+            continue
+        try:
+            impl.prepare_load_file(obj, paths[impl.name], donor)
+        except Exception as e:
+            impl.remove_saved(paths[impl.name])
+            rm(paths[impl.name])
+            rec.add_error("load", impl.name, e)
     have_file = [i for i in impls if os.path.exists(paths[i.name])]
-    for impl in have_file:
-        res["file_bytes"][impl.name] = os.path.getsize(paths[impl.name])
+    floor_ok = floor_on and os.path.exists(floor_path)
 
-    # ---- raw write / read baselines ----
+    # ---- raw write / read baselines (per tensor, buffered: kept for older results) ----
     if "raw" in ops:
         raw_path = os.path.join(tmpdir, f"{name}.raw")
         wr = []
@@ -277,13 +353,24 @@ def run_workload(name, impls, args, tmpdir):
         "mmap": lambda i: (i.load_mmap, None),
         "mmap_touch": lambda i: (i.load_mmap, touch),
     }
+    floor_size = os.path.getsize(floor_path) if floor_ok else 0
+
+    def floor_run(op):
+        if op == "load":  # preallocated outside the timed region, pages not yet touched
+            buf = torch.empty(floor_size, dtype=torch.uint8)
+            return timed(readinto_floor, floor_path, buf)
+        return timed(mmap_floor, floor_path, post=(_sum_all if op == "mmap_touch" else None))
+
     for op in ("load", "mmap", "mmap_touch"):
         if op not in ops:
             continue
-        for impl in have_file:
+        runners = [i for i in have_file if op == "load" or i.can_mmap]
+        for impl in runners:
             warm_file(paths[impl.name])
+        if floor_ok:
+            warm_file(floor_path)
         for rep in range(R):
-            for impl in have_file:
+            for impl in runners:
                 if rec.failed(op, impl.name):
                     continue
                 fn, post = load_fns[op](impl)
@@ -293,9 +380,27 @@ def run_workload(name, impls, args, tmpdir):
                     rec.add_error(op, impl.name, e)
                     continue
                 rec.add_time(op, impl.name, secs)
-                log(f"  {op:<10} {impl.name:<12} run {rep + 1}/{R}: {fmt_time(secs)}")
+                log(f"  {op:<10} {impl.name:<20} run {rep + 1}/{R}: {fmt_time(secs)}")
+            if floor_ok:
+                secs = floor_run(op)
+                rec.add_time(op, FLOOR, secs)
+                log(f"  {op:<10} {'floor':<20} run {rep + 1}/{R}: {fmt_time(secs)}")
+        if op == "load" and floor_ok:
+            # The same readinto into one buffer whose pages are already faulted: a copy
+            # out of the page cache and nothing else (what is left without page faults).
+            buf = torch.empty(floor_size, dtype=torch.uint8).zero_()
+            runs = [timed(readinto_floor, floor_path, buf) for _ in range(R)]
+            res["baselines"]["readinto_reused"] = {
+                "best": min(runs),
+                "runs": runs,
+                "what": "one readinto of the whole file into a reused, already-faulted buffer",
+            }
+            if args.verify:
+                res["verify"].setdefault(op, {})[FLOOR] = _verify_flat(obj, buf)
+            del buf
+            log(f"  load, floor into a reused buffer: {fmt_time(min(runs))}")
         if args.verify and op in ("load", "mmap"):
-            for impl in have_file:
+            for impl in runners:
                 if rec.failed(op, impl.name):
                     continue
                 try:
@@ -357,6 +462,8 @@ def run_workload(name, impls, args, tmpdir):
                     "extra_path": getattr(impl, "extra_path", []),
                 }
                 if mop == "save":
+                    if not impl.can_save:
+                        continue
                     spec["path"] = os.path.join(tmpdir, f"memchild-{name}{impl.ext}")
                 else:
                     if not os.path.exists(paths[impl.name]):
@@ -364,13 +471,13 @@ def run_workload(name, impls, args, tmpdir):
                     spec["path"] = paths[impl.name]
                 r = run_child(script, spec)
                 if mop == "save":
-                    rm(spec["path"])
+                    impl.remove_saved(spec["path"])
                 res["memory"].setdefault(mop, {})[impl.name] = r
                 if "error" in r:
                     log(f"  !! memory {mop} {impl.name}: {r['error']}")
                 else:
                     log(
-                        f"  memory {mop:<5} {impl.name:<12}: peak +{r['peak_delta_bytes'] / MiB:.0f} MiB "
+                        f"  memory {mop:<5} {impl.name:<20}: peak +{r['peak_delta_bytes'] / MiB:.0f} MiB "
                         f"({r['ratio']:.2f}x data)"
                     )
         # The floor under every eager load's peak: the result itself, at rest.
@@ -383,15 +490,143 @@ def run_workload(name, impls, args, tmpdir):
             "torch_threads": args.torch_threads,
             "mallopt": args.mallopt,
         }
-        res["memory_floor"] = run_child(script, floor_spec)
+        res["memory_floor"] = floor = run_child(script, floor_spec)
+        loads = res["memory"].get("load", {})
+        if floor.get("peak_delta_bytes"):
+            res["memory_floor_ratio"] = {
+                l: loads[l]["peak_delta_bytes"] / floor["peak_delta_bytes"]
+                for l in loads
+                if "peak_delta_bytes" in loads[l]
+            }
+            log(
+                f"  memory floor (the {ntensors:,} loaded tensors themselves, at rest): "
+                f"{floor['peak_delta_bytes'] / MiB:.1f} MiB; eager-load peak / floor: "
+                + ", ".join(f"{l} {v:.2f}x" for l, v in res["memory_floor_ratio"].items())
+            )
 
-    for p in paths.values():
-        rm(p)
+    for impl in impls:
+        impl.remove_saved(paths[impl.name])
+        rm(paths[impl.name])
+    rm(floor_path)
     del obj
     release_freed_memory()
     res["elapsed_s"] = time.perf_counter() - t_start
     log(f"[{name}] done in {res['elapsed_s']:.1f} s")
     return res
+
+
+def _sum_all(t):
+    t.sum()
+
+
+def _verify_flat(obj, buf) -> str:
+    """The floor's readinto result holds every tensor's bytes, in order."""
+    off = 0
+    for t in iter_tensors(obj):
+        n = t.numel() * t.element_size()
+        got = buf[off : off + n].view(t.dtype).view(t.shape)
+        if not torch.equal(got, t):
+            return "MISMATCH: floor buffer differs from the tensor bytes"
+        off += n
+    return "ok" if off == buf.numel() else f"MISMATCH: {buf.numel()} bytes read, {off} expected"
+
+
+def _timed_in_a_row(fn, *args):
+    """timed() for loads in a tight loop: the same untimed malloc_trim, but only a young-
+    generation gc between loads (a full collection of this process's heap takes tens of
+    ms, longer than the loads)."""
+    gc.collect(1)
+    trim_freed_memory()
+    t0 = time.perf_counter()
+    r = fn(*args)
+    t1 = time.perf_counter()
+    del r
+    return t1 - t0
+
+
+def run_small(impls, args, tmpdir):
+    """A checkpoint of a few MB, eager-loaded ``args.small`` times in a row by each library
+    (one library after the other, not interleaved: a tight loop of loads, as a program
+    that opens many small checkpoints runs). Latency p50 / p99 (nearest rank) and max."""
+    n_iter = args.small
+    t_start = time.perf_counter()
+    obj = build_from_shapes(SMALL_SHAPES, seed=1)
+    nbytes = data_bytes(obj)
+    ntensors = sum(1 for _ in iter_tensors(obj))
+    log(f"\n[small] {SMALL_DESC}: {ntensors} tensors, {fmt_size(nbytes)}; {n_iter} loads in a row")
+    out = {
+        "description": SMALL_DESC,
+        "n_tensors": ntensors,
+        "data_bytes": nbytes,
+        "iterations": n_iter,
+        "latency": {},
+        "file_bytes": {},
+        "verify": {},
+        "errors": {},
+    }
+    d = os.path.join(tmpdir, "small")
+    paths = {i.name: os.path.join(d, i.name, f"small{i.ext}") for i in impls}
+    for p in paths.values():
+        os.makedirs(os.path.dirname(p), exist_ok=True)
+    floor_path = os.path.join(d, "small.bin")
+    for impl in impls:  # safetensors (the donor) comes before the peers that read its files
+        try:
+            impl.prepare_load_file(obj, paths[impl.name], paths.get("safetensors"))
+            out["file_bytes"][impl.name] = os.path.getsize(paths[impl.name])
+        except Exception as e:
+            impl.remove_saved(paths[impl.name])
+            rm(paths[impl.name])
+            out["errors"][impl.name] = f"{type(e).__name__}: {e}"
+    writev_floor(obj, floor_path)
+
+    def record(lib, runs):
+        out["latency"][lib] = {
+            "p50": percentile(runs, 0.50),
+            "p99": percentile(runs, 0.99),
+            "min": min(runs),
+            "max": max(runs),
+            "mean": sum(runs) / len(runs),
+            "runs": runs,
+        }
+        lat = out["latency"][lib]
+        log(
+            f"  small {lib:<20} p50 {fmt_time(lat['p50'])}, p99 {fmt_time(lat['p99'])}, "
+            f"max {fmt_time(lat['max'])}"
+        )
+
+    for impl in impls:
+        if impl.name in out["errors"]:
+            continue
+        path = paths[impl.name]
+        warm_file(path)
+        try:
+            r = impl.load(path)  # also the warm-up: imports, first-call set-up
+            if args.verify:
+                out["verify"][impl.name] = verify(obj, r)
+            del r
+            release_freed_memory()
+            runs = [_timed_in_a_row(impl.load, path) for _ in range(n_iter)]
+        except Exception as e:
+            out["errors"][impl.name] = f"{type(e).__name__}: {e}"
+            log(f"  !! small {impl.name}: {out['errors'][impl.name]}")
+            continue
+        record(impl.name, runs)
+    warm_file(floor_path)
+    size = os.path.getsize(floor_path)
+    runs = []
+    for _ in range(n_iter):
+        buf = torch.empty(size, dtype=torch.uint8)
+        runs.append(_timed_in_a_row(readinto_floor, floor_path, buf))
+    if args.verify:
+        out["verify"][FLOOR] = _verify_flat(obj, buf)
+    del buf
+    record(FLOOR, runs)
+    shutil.rmtree(d, ignore_errors=True)
+    del obj
+    release_freed_memory()
+    out["elapsed_s"] = time.perf_counter() - t_start
+    log(f"[small] done in {out['elapsed_s']:.1f} s")
+    return out
 
 
 # --------------------------------------------------------------------------
@@ -408,17 +643,52 @@ def _best(res, op, lib):
     return d["best"], fmt_time(d["best"])
 
 
+def _fastest_other(vals, libs):
+    """(ratio cell, name) of the fastest library other than fastserial: its number / fastserial's."""
+    fs = vals.get("fastserial", (None,))[0]
+    others = [(vals[l][0], l) for l in libs if l != "fastserial" and vals[l][0] is not None]
+    if fs is None or not others:
+        return "-"
+    v, l = min(others)
+    return f"{fmt_ratio(v, fs)} {l}"
+
+
+def _has_floor(res):
+    return any(FLOOR in d for d in res["times"].values())
+
+
+def _ratio_columns(libs):
+    """torch/fastserial and safetensors/fastserial, plus the fastest other library when
+    peers were measured."""
+    if "fastserial" not in libs:
+        return [], False
+    return [l for l in ("torch", "safetensors") if l in libs], any(l in libs for l in PEER_LIBS)
+
+
 def workload_table(res, libs, markdown=False):
-    ratio_libs = [l for l in ("torch", "safetensors") if l in libs] if "fastserial" in libs else []
-    headers = ["operation"] + libs + [f"{l}/fastserial" for l in ratio_libs]
+    ratio_libs, best_col = _ratio_columns(libs)
+    floor = _has_floor(res)
+    fs_floor = floor and "fastserial" in libs
+    headers = (
+        ["operation"]
+        + libs
+        + ([FLOOR] if floor else [])
+        + [f"{l}/fastserial" for l in ratio_libs]
+        + (["fastest other/fastserial"] if best_col else [])
+        + (["fastserial/floor"] if fs_floor else [])
+    )
     rows = []
     for op in TIME_OPS:
         if op not in res["times"]:
             continue
-        vals = {l: _best(res, op, l) for l in libs}
+        vals = {l: _best(res, op, l) for l in libs + [FLOOR]}
         row = [OP_LABEL[op]] + [vals[l][1] for l in libs]
+        row += [vals[FLOOR][1]] if floor else []
         row += [fmt_ratio(vals[l][0], vals["fastserial"][0]) for l in ratio_libs]
+        row += [_fastest_other(vals, libs)] if best_col else []
+        row += [fmt_ratio(vals["fastserial"][0], vals[FLOOR][0])] if fs_floor else []
         rows.append(row)
+    mem_floor = (res.get("memory_floor") or {}).get("peak_delta_bytes")
     for mop in MEM_OPS:
         if mop not in res["memory"]:
             continue
@@ -434,12 +704,80 @@ def workload_table(res, libs, markdown=False):
                 deltas[l] = r["peak_delta_bytes"]
                 cells.append(f"{r['peak_delta_bytes'] / MiB:.0f} MiB ({r['ratio']:.2f}x)")
         row = [MEM_LABEL[mop]] + cells
+        fl = mem_floor if mop == "load" else None
+        if floor:
+            row.append(
+                f"{fl / MiB:.0f} MiB ({fl / res['data_bytes']:.2f}x)" if fl is not None else "-"
+            )
         # ratios of near-zero deltas are noise: only show them above 1 MiB
         den = deltas.get("fastserial")
         den = den if den is not None and den >= MiB else None
         row += [fmt_ratio(deltas.get(l), den) for l in ratio_libs]
+        if best_col:
+            others = [(v, l) for l, v in deltas.items() if l != "fastserial"]
+            row.append(
+                f"{fmt_ratio(min(others)[0], den)} {min(others)[1]}" if others and den else "-"
+            )
+        if fs_floor:
+            row.append(fmt_ratio(deltas.get("fastserial"), fl))
         rows.append(row)
     return render_table(headers, rows, markdown=markdown)
+
+
+SMALL_ROWS = (("p50", "eager load, p50"), ("p99", "eager load, p99"), ("max", "eager load, max"))
+
+
+def small_table(small, libs, markdown=False):
+    lat = small["latency"]
+    ratio_libs, best_col = _ratio_columns(libs)
+    fs_floor = "fastserial" in libs and FLOOR in lat
+    headers = (
+        ["latency"]
+        + libs
+        + ([FLOOR] if FLOOR in lat else [])
+        + [f"{l}/fastserial" for l in ratio_libs]
+        + (["fastest other/fastserial"] if best_col else [])
+        + (["fastserial/floor"] if fs_floor else [])
+    )
+    rows = []
+    for key, label in SMALL_ROWS + (("p99/p50", "p99 / p50"),):
+        if key == "p99/p50":
+            row = [label] + [
+                fmt_ratio(lat[l]["p99"], lat[l]["p50"]) if l in lat else "-" for l in libs
+            ]
+            row += [fmt_ratio(lat[FLOOR]["p99"], lat[FLOOR]["p50"])] if FLOOR in lat else []
+            row += [""] * (len(headers) - len(row))
+            rows.append(row)
+            continue
+        vals = {
+            l: (lat[l][key], fmt_time(lat[l][key]))
+            if l in lat
+            else (None, "ERR" if l in small["errors"] else "-")
+            for l in libs + [FLOOR]
+        }
+        row = [label] + [vals[l][1] for l in libs]
+        row += [vals[FLOOR][1]] if FLOOR in lat else []
+        row += [fmt_ratio(vals[l][0], vals["fastserial"][0]) for l in ratio_libs]
+        row += [_fastest_other(vals, libs)] if best_col else []
+        row += [fmt_ratio(vals["fastserial"][0], vals[FLOOR][0])] if fs_floor else []
+        rows.append(row)
+    return render_table(headers, rows, markdown=markdown)
+
+
+def small_notes(small, libs):
+    notes = [
+        f"{small['iterations']} eager loads in a row of one {fmt_size(small['data_bytes'])} file "
+        f"({small['n_tensors']} tensors) per library, one library after the other; "
+        "each load timed on its own (young-generation gc + malloc_trim between loads, untimed); "
+        "p50 / p99 are nearest-rank percentiles; floor = one readinto of the bare bytes "
+        "into a fresh preallocated buffer"
+    ]
+    bad = [f"{l}: {v}" for l, v in small["verify"].items() if v != "ok"]
+    if small["verify"]:
+        notes.append("verify: " + ("all loads equal the originals" if not bad else "; ".join(bad)))
+    if small["errors"]:
+        notes.append("errors: " + "; ".join(f"{l}: {e}" for l, e in small["errors"].items()))
+    return notes
 
 
 def workload_notes(res, libs):
@@ -456,6 +794,16 @@ def workload_notes(res, libs):
         ]
         if parts:
             s += "; save / raw write: " + ", ".join(parts) + " (fastserial target <= 1.20x)"
+        notes.append(s)
+    if "readinto_reused" in b:
+        r = b["readinto_reused"]["best"]
+        f = _best(res, "load", FLOOR)[0]
+        s = (
+            f"floor, eager load into a reused buffer (pages already faulted: a copy from the "
+            f"page cache and nothing else): {fmt_time(r)} ({gib / r:.2f} GiB/s)"
+        )
+        if f:
+            s += f"; into fresh pages (the floor column): {fmt_time(f)} ({gib / f:.2f} GiB/s)"
         notes.append(s)
     if "raw_read" in b:
         r = b["raw_read"]["best"]
@@ -494,6 +842,17 @@ def workload_notes(res, libs):
         if fs is not None:
             s += f"; fastserial's peak above it: {(fs - f) / MiB:.0f} MiB ({(fs - f) / res['data_bytes']:.2f}x data)"
         notes.append(s)
+    readers = [l for l in ("runai-model-streamer", "fastsafetensors") if l in libs]
+    if readers:
+        notes.append(
+            " and ".join(readers)
+            + ": load the single file safetensors.torch.save_file writes (made untimed)"
+            + (
+                "; fastsafetensors' save writes 16 shard files (ParallelSaver's default)"
+                if "fastsafetensors" in res["file_bytes"]
+                else ""
+            )
+        )
     if res["file_bytes"]:
         notes.append(
             "file sizes: "
@@ -536,7 +895,30 @@ LEGEND = [
 ]
 
 
+def floor_legend(meta):
+    fl = meta.get("floor")
+    if not fl:
+        return []
+    return [
+        "floor = the same tensor bytes with no format, interleaved with the libraries' rounds: "
+        + "; ".join(f"{op}: {what}" for op, what in fl.items())
+    ]
+
+
+def peer_legend(meta):
+    out = []
+    for lib in PEER_LIBS:
+        api = meta["libs"].get(lib, {}).get("api")
+        if api:
+            calls = "; ".join(f"{op} = {c}" for op, c in api.items() if c)
+            out.append(f"{lib} {meta['libs'][lib]['version']}: {calls}")
+    out += [f"{lib}: not measured ({why})" for lib, why in meta.get("unavailable", {}).items()]
+    return out
+
+
 def render_report(results, meta, libs, args, markdown):
+    small = results.get(SMALL_KEY)
+    results = {k: v for k, v in results.items() if k != SMALL_KEY}
     out = []
     fs = meta.get("tmpdir", {})
     st_desc = meta["libs"].get("safetensors", {}).get("api", {})
@@ -570,6 +952,7 @@ def render_report(results, meta, libs, args, markdown):
             else ""
         )
     )
+    legend += floor_legend(meta) + peer_legend(meta)
     if fsm.get("num_threads") is not None:
         legend.append(f"fastserial threads: {fsm['num_threads']}")
     if not fsm.get("stand_in"):
@@ -590,6 +973,13 @@ def render_report(results, meta, libs, args, markdown):
             out.append("")
             out += [f"- {n}" for n in workload_notes(res, libs)]
             out.append("")
+        if small:
+            out.append(f"### small files: {small['description']}")
+            out.append("")
+            out.append(small_table(small, libs, markdown=True))
+            out.append("")
+            out += [f"- {n}" for n in small_notes(small, libs)]
+            out.append("")
         out.append("Notes:")
         out.append("")
         out += [f"- {l}" for l in legend]
@@ -604,6 +994,14 @@ def render_report(results, meta, libs, args, markdown):
             )
             out.append(workload_table(res, libs))
             out += [f"  {n}" for n in workload_notes(res, libs)]
+        if small:
+            out.append("")
+            out.append(
+                f"== small files: {small['description']} -- {small['n_tensors']} tensors, "
+                f"{fmt_size(small['data_bytes'])}, {small['iterations']} loads in a row"
+            )
+            out.append(small_table(small, libs))
+            out += [f"  {n}" for n in small_notes(small, libs)]
         out.append("")
         out += [f"* {l}" for l in legend]
     return "\n".join(out)
@@ -647,6 +1045,8 @@ def main(argv=None):
             "process": proc_cfg,
         },
     )
+    if "raw" in args.op_list:
+        meta["floor"] = FLOOR_DESC
     log("\n".join(meta_lines(meta)))
     log(f"checkpoint files in {tmpdir} ({tmpinfo['fstype']})")
 
@@ -654,6 +1054,8 @@ def main(argv=None):
     try:
         for w in args.workload_list:
             results[w] = run_workload(w, impls, args, tmpdir)
+        if args.small:
+            results[SMALL_KEY] = run_small(impls, args, tmpdir)
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
     meta["total_elapsed_s"] = time.perf_counter() - t0
@@ -667,11 +1069,14 @@ def main(argv=None):
         os.makedirs(os.path.dirname(args.json), exist_ok=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(
-                {"meta": meta, "args": {k: v for k, v in vars(args).items()}, "workloads": results},
-                f,
-                indent=2,
-            )
+            out = {
+                "meta": meta,
+                "args": {k: v for k, v in vars(args).items()},
+                "workloads": {k: v for k, v in results.items() if k != SMALL_KEY},
+            }
+            if SMALL_KEY in results:
+                out["small_files"] = results[SMALL_KEY]
+            json.dump(out, f, indent=2)
         log(f"json written to {args.json}")
         write_chart_and_hint(args.json)
     log(f"total time {meta['total_elapsed_s']:.1f} s; full results in {args.json}")

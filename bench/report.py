@@ -23,7 +23,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _fmt import fmt_duration, fmt_ratio, fmt_size, fmt_time  # noqa: E402
 
-LIBS = ("torch", "safetensors", "fastserial")
+PEERS = ("tensorizer", "runai-model-streamer", "fastsafetensors")
+LIBS = ("torch", "safetensors", "fastserial") + PEERS
+FLOOR = "floor"  # bench.py's pseudo-library: the same bytes, one writev / readinto / mmap
 WORKLOADS = ("big", "gpt2", "many")
 TABLE_OPS = {
     "save": "save",
@@ -33,7 +35,16 @@ TABLE_OPS = {
     "mmap_touch": "mmap load + touch",
 }
 CHART_OPS = ("save", "load", "mmap", "mmap_touch")
-COLORS = {"torch": "#e4572e", "safetensors": "#f2b134", "fastserial": "#2e6fba"}
+SMALL_OPS = {"p50": "eager load p50", "p99": "eager load p99"}  # bench.py --small
+COLORS = {
+    "torch": "#e4572e",
+    "safetensors": "#f2b134",
+    "fastserial": "#2e6fba",
+    "tensorizer": "#76b041",
+    "runai-model-streamer": "#9b5de5",
+    "fastsafetensors": "#17becf",
+    FLOOR: "#9a9a9a",
+}
 START = "<!-- bench-table:start -->"
 END = "<!-- bench-table:end -->"
 NONE = "–"  # a cell with no number (not measured, or not applicable)
@@ -50,6 +61,7 @@ DEFAULT_ARGS = {
     "torch_threads": 1,
     "sync": True,
     "mallopt": True,
+    "small": 200,
 }
 FLAG = {"sync": "--no-sync", "mallopt": "--no-mallopt", "quick": "--quick"}
 
@@ -79,6 +91,39 @@ def cell(res, op, lib):
 
 def libs_of(data):
     return [lib for lib in LIBS if lib in data["meta"].get("libs", {})]
+
+
+def has_floor(data):
+    """Whether the run measured the floor (bench.py --ops raw, since the peers were added)."""
+    return any(
+        FLOOR in d for res in data["workloads"].values() for d in res["times"].values()
+    ) or FLOOR in (data.get("small_files") or {}).get("latency", {})
+
+
+def small_times(data):
+    """The small-files latencies in the shape of a workload's ``times``: op -> lib -> best."""
+    small = data.get("small_files")
+    if not small:
+        return None
+    times = {op: {} for op in SMALL_OPS}
+    for lib, lat in small["latency"].items():
+        for op in SMALL_OPS:
+            times[op][lib] = {"best": lat[op]}
+    for lib in small.get("errors", {}):
+        for op in SMALL_OPS:
+            times[op][lib] = {"error": small["errors"][lib]}
+    return {"times": times}
+
+
+def fastest_other(res, op, libs):
+    """ "0.82x name": the fastest library other than fastserial, its time / fastserial's."""
+    fs = best(res, op, "fastserial")
+    others = [(best(res, op, lib), lib) for lib in libs if lib != "fastserial"]
+    others = [(t, lib) for t, lib in others if t is not None]
+    if fs is None or not others:
+        return ""
+    t, lib = min(others)
+    return f"{fmt_ratio(t, fs)} {lib}"
 
 
 def command_line(data):
@@ -115,12 +160,40 @@ def versions(meta):
 
 
 def readme_table(data):
+    """One row per workload and operation, one column per library, then ratios.
+
+    Runs with peers get "vs torch", "vs safetensors" and "vs fastest other" (the fastest
+    of all the other libraries in that row, named); runs without them "vs" every other
+    library, as before. Runs that measured the floor get its column and fastserial / floor.
+    Runs with ``--small`` get two more rows: p50 and p99 of the small-file loads."""
     libs = libs_of(data)
-    others = [lib for lib in libs if lib != "fastserial"] if "fastserial" in libs else []
+    fs = "fastserial" in libs
+    others = [lib for lib in libs if lib != "fastserial"] if fs else []
+    peers = any(lib in PEERS for lib in libs)
+    vs = [lib for lib in others if lib in ("torch", "safetensors")] if peers else others
+    floor = has_floor(data)
+    head = libs + ([FLOOR] if floor else []) + [f"vs {o}" for o in vs]
+    head += (["vs fastest other"] if peers and fs else []) + (
+        ["fastserial / floor"] if floor and fs else []
+    )
     lines = [
-        "| workload | operation | " + " | ".join(libs + [f"vs {o}" for o in others]) + " |",
-        "|---|---|" + "---:|" * (len(libs) + len(others)),
+        "| workload | operation | " + " | ".join(head) + " |",
+        "|---|---|" + "---:|" * len(head),
     ]
+
+    def row(label, op_label, res, op):
+        cells = [cell(res, op, lib) for lib in libs] + ([cell(res, op, FLOOR)] if floor else [])
+        b = best(res, op, "fastserial")
+        for other in vs:
+            a = best(res, op, other)
+            cells.append(fmt_ratio(a, b) if a is not None and b is not None else "")
+        if peers and fs:
+            cells.append(fastest_other(res, op, libs))
+        if floor and fs:
+            f = best(res, op, FLOOR)
+            cells.append(fmt_ratio(b, f) if b is not None and f is not None else "")
+        return f"| {label} | {op_label} | " + " | ".join(cells) + " |"
+
     for name in WORKLOADS:
         res = data["workloads"].get(name)
         if res is None:
@@ -129,12 +202,17 @@ def readme_table(data):
         for op, op_label in TABLE_OPS.items():
             if op not in res["times"]:
                 continue
-            cells = [cell(res, op, lib) for lib in libs]
-            ratios = []
-            for other in others:
-                a, b = best(res, op, other), best(res, op, "fastserial")
-                ratios.append(fmt_ratio(a, b) if a is not None and b is not None else "")
-            lines.append(f"| {label} | {op_label} | " + " | ".join(cells + ratios) + " |")
+            lines.append(row(label, op_label, res, op))
+            label = ""
+    small = small_times(data)
+    if small:
+        sf = data["small_files"]
+        label = (
+            f"**small files** ({sf['n_tensors']:,} tensors, {fmt_size(sf['data_bytes'])}; "
+            f"{sf['iterations']:,} loads in a row)"
+        )
+        for op, op_label in SMALL_OPS.items():
+            lines.append(row(label, op_label, small, op))
             label = ""
     return "\n".join(lines)
 
@@ -162,6 +240,22 @@ def readme_block(data, json_path, base_dir="."):
     fsm = meta.get("libs", {}).get("fastserial", {})
     if fsm.get("stand_in"):
         run += f" The fastserial column is the stand-in module `{fsm['impl_module']}`."
+    peers = [lib for lib in PEERS if lib in meta.get("libs", {})]
+    if peers:
+        run += " Peers: " + ", ".join(f"{lib} {meta['libs'][lib]['version']}" for lib in peers)
+        run += "; each call is listed in the full output"
+        if "tensorizer" in peers:
+            run += " (tensorizer has no mmap mode: its mmap rows are its `lazy_load=True`)"
+        if "fastsafetensors" in peers and "runai-model-streamer" in peers:
+            run += "; fastsafetensors and runai-model-streamer load the file safetensors writes"
+        run += "."
+    if meta.get("unavailable"):
+        run += " Not measured (not installed/unavailable): " + ", ".join(meta["unavailable"]) + "."
+    if has_floor(data):
+        run += (
+            " Floor: the same bytes with no format: one `os.writev` (save), one `readinto` "
+            "into a preallocated buffer (eager load), one `mmap` (+ one `.sum()` for touch)."
+        )
     title = f"Save and load times, {meta['date'][:10]}"
     chart = f"![{title}]({rel(stem + '.svg')})"
     return "\n\n".join([run, chart, readme_table(data)])
@@ -208,10 +302,26 @@ def _text(x, y, s, size=12, anchor="start", weight="normal", fill="#222"):
 def svg_chart(data):
     meta = data["meta"]
     libs = libs_of(data)
+    # One bar per library, and one for the floor when the run measured it.
+    series = libs + ([FLOOR] if has_floor(data) else [])
     workloads = [w for w in WORKLOADS if w in data["workloads"]]
-    times = [
-        best(data["workloads"][w], op, lib) for w in workloads for op in CHART_OPS for lib in libs
-    ]
+    # Sections: (heading, times-like dict, [(op, label)]); the small files come last.
+    sections = []
+    for w in workloads:
+        res = data["workloads"][w]
+        heading = f"{w}: {res['n_tensors']:,} tensors, {fmt_size(res['data_bytes'])}"
+        sections.append(
+            (heading, res, [(op, TABLE_OPS[op]) for op in CHART_OPS if op in res["times"]])
+        )
+    small = small_times(data)
+    if small:
+        sf = data["small_files"]
+        heading = (
+            f"small files: {sf['n_tensors']:,} tensors, {fmt_size(sf['data_bytes'])}, "
+            f"{sf['iterations']:,} eager loads in a row"
+        )
+        sections.append((heading, small, list(SMALL_OPS.items())))
+    times = [best(res, op, lib) for _, res, ops in sections for op, _ in ops for lib in series]
     times = [t for t in times if t]
     lo = 10 ** math.floor(math.log10(min(times))) if times else 1e-4
     hi = 10 ** math.ceil(math.log10(max(times))) if times else 10.0
@@ -219,13 +329,29 @@ def svg_chart(data):
     def x(t):
         return X0 + (X1 - X0) * math.log10(t / lo) / math.log10(hi / lo)
 
-    group_h = len(libs) * (BAR + GAP) - GAP + 2 * PAD
-    top = 112
-    n_groups = sum(1 for w in workloads for op in CHART_OPS if op in data["workloads"][w]["times"])
-    plot_bottom = top + len(workloads) * HEAD + n_groups * group_h
+    # legend: entries left to right, wrapping onto more lines when the peers make it long
+    legend, lx, ly = [], LABEL_X, 67
+    for lib in series:
+        if lx + 34 + 8 * len(lib) > W - LABEL_X:
+            lx, ly = LABEL_X, ly + 22
+        legend.append(f'<rect x="{lx}" y="{ly}" width="14" height="14" fill="{COLORS[lib]}"/>')
+        legend.append(_text(lx + 20, ly + 12, lib, size=13))
+        lx += 30 + 8 * len(lib) + 20
+    note = "time per call, log scale: shorter is faster"
+    if lx + 10 + 6.5 * len(note) > W - LABEL_X:
+        lx, ly = LABEL_X - 10, ly + 22
+    legend.append(_text(lx + 10, ly + 12, note, fill="#555"))
+
+    group_h = len(series) * (BAR + GAP) - GAP + 2 * PAD
+    top = 112 + (ly - 67)
+    n_groups = sum(len(ops) for _, _, ops in sections)
+    plot_bottom = top + len(sections) * HEAD + n_groups * group_h
     height = plot_bottom + 62
 
-    title = f"{' vs '.join(libs)}: checkpoint save and load, {meta['date'][:10]}"
+    if len(libs) > 3:
+        title = f"fastserial and {len(libs) - 1} other libraries: checkpoint save and load, {meta['date'][:10]}"
+    else:
+        title = f"{' vs '.join(libs)}: checkpoint save and load, {meta['date'][:10]}"
     sub = f"{machine(meta)} · {versions(meta)} · {best_of(meta)}"
     out = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{height}" '
@@ -234,13 +360,7 @@ def svg_chart(data):
         _text(LABEL_X, 30, title, size=18, weight="bold"),
         _text(LABEL_X, 52, sub, size=12, fill="#555"),
     ]
-    # legend
-    lx = LABEL_X
-    for lib in libs:
-        out.append(f'<rect x="{lx}" y="67" width="14" height="14" fill="{COLORS[lib]}"/>')
-        out.append(_text(lx + 20, 79, lib, size=13))
-        lx += 30 + 8 * len(lib) + 20
-    out.append(_text(lx + 10, 79, "time per call, log scale: shorter is faster", fill="#555"))
+    out += legend
 
     # grid: a line per decade, faint lines at 2x and 5x
     decades = round(math.log10(hi / lo))
@@ -271,26 +391,15 @@ def svg_chart(data):
     out.append(_text(LABEL_X, top - 6, "workload / operation", size=12, weight="bold"))
 
     y = top
-    for w in workloads:
-        res = data["workloads"][w]
+    for heading, res, ops in sections:
         out.append(f'<rect x="0" y="{y}" width="{W}" height="{HEAD}" fill="#f1f3f6"/>')
-        out.append(
-            _text(
-                LABEL_X,
-                y + 20,
-                f"{w}: {res['n_tensors']:,} tensors, {fmt_size(res['data_bytes'])}",
-                size=14,
-                weight="bold",
-            )
-        )
+        out.append(_text(LABEL_X, y + 20, heading, size=14, weight="bold"))
         y += HEAD
-        for op in CHART_OPS:
-            if op not in res["times"]:
-                continue
+        for op, op_label in ops:
             mid = y + group_h / 2
-            out.append(_text(LABEL_X + 10, mid + 4, TABLE_OPS[op], size=13))
+            out.append(_text(LABEL_X + 10, mid + 4, op_label, size=13))
             by = y + PAD
-            for lib in libs:
+            for lib in series:
                 t = best(res, op, lib)
                 if t is None:
                     out.append(_text(X0 + 4, by + BAR - 1, f"{lib}: {cell(res, op, lib)}", 11))

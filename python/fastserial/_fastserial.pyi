@@ -46,9 +46,16 @@ class Archive:
         mmap: bool = False,
         defer_data: bool = False,
         shared: bool = False,
+        window: Optional[tuple[int, int]] = None,
     ) -> Archive: ...
     @staticmethod
-    def open_fd(fd: int, display: str, mmap: bool = False, defer_data: bool = False) -> Archive: ...
+    def open_fd(
+        fd: int,
+        display: str,
+        mmap: bool = False,
+        defer_data: bool = False,
+        window: Optional[tuple[int, int]] = None,
+    ) -> Archive: ...
     @staticmethod
     def open_buffer(data: ReadableBuffer, display: str) -> Archive: ...
     @property

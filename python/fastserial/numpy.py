@@ -1562,7 +1562,14 @@ def read_structure(
     ``collect=True`` records structural problems in ``.problems`` (and a failed parse
     in ``.error``) instead of raising. The caller closes the result.
     """
-    opened = _open_checkpoint(f, mmap)
+    return structure_of(_open_checkpoint(f, mmap), mode=mode, collect=collect, encoding=encoding)
+
+
+def structure_of(
+    opened: _Opened, *, mode: str = "strict", collect: bool = False, encoding: str = "utf-8"
+) -> CheckpointStructure:
+    """``read_structure`` of a checkpoint already opened (an archive inside a larger
+    file, say); the result owns ``opened`` and closes it."""
     s = CheckpointStructure(opened, opened.kind)
     problems = s.problems if collect else None
     try:

@@ -15,7 +15,7 @@ pub mod storage;
 mod python;
 
 pub use container::reader::{
-    Archive, Compression, FileSource, MemorySource, ReadJob, Record, Source,
+    Archive, Compression, FileSource, FileWindow, MemorySource, ReadJob, Record, Source,
 };
 pub use container::writer::ArchiveWriter;
 pub use error::{Error, Result};

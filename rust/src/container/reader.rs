@@ -53,6 +53,41 @@ impl Source for FileSource {
     }
 }
 
+/// The bytes `[start, start + len)` of a file, read as a source of their own: an
+/// archive stored inside a larger file (a blob of a distributed-checkpoint shard).
+pub struct FileWindow {
+    file: File,
+    start: u64,
+    len: u64,
+}
+
+impl FileWindow {
+    /// Fails with `UnexpectedEof` when the window does not lie inside the file.
+    pub fn new(file: File, start: u64, len: u64) -> io::Result<Self> {
+        let size = file.metadata()?.len();
+        if start.checked_add(len).is_none_or(|end| end > size) {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("bytes {start}..{start}+{len} lie outside the {size}-byte file"),
+            ));
+        }
+        Ok(FileWindow { file, start, len })
+    }
+}
+
+impl Source for FileWindow {
+    fn len(&self) -> u64 {
+        self.len
+    }
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        // Reads stay inside the window: past its end is the end of this source.
+        match offset.checked_add(buf.len() as u64) {
+            Some(end) if end <= self.len => self.file.read_exact_at(buf, self.start + offset),
+            _ => Err(io::ErrorKind::UnexpectedEof.into()),
+        }
+    }
+}
+
 /// Any owned memory (a `Vec`, an mmap, a Python buffer wrapped by the binding).
 pub struct MemorySource<T: AsRef<[u8]> + Send + Sync>(pub T);
 
@@ -1433,6 +1468,28 @@ mod tests {
             self.read.fetch_add(buf.len() as u64, Ordering::Relaxed);
             MemorySource(&self.bytes[..]).read_exact_at(buf, offset)
         }
+    }
+
+    #[test]
+    fn reads_an_archive_inside_a_window_of_a_file() {
+        let zip = many_records(3);
+        let mut bytes = vec![0xAB_u8; 100];
+        bytes.extend_from_slice(&zip);
+        bytes.extend_from_slice(&[0xCD; 50]);
+        let path = std::env::temp_dir().join(format!("fs-window-{}.bin", std::process::id()));
+        std::fs::write(&path, &bytes).unwrap();
+        let open = |start, len| FileWindow::new(File::open(&path).unwrap(), start, len);
+        let a = Archive::open(Box::new(open(100, zip.len() as u64).unwrap())).unwrap();
+        let whole = Archive::open(Box::new(MemorySource(zip.clone()))).unwrap();
+        assert_eq!(a.records().len(), whole.records().len());
+        for (x, y) in a.records().iter().zip(whole.records()) {
+            assert_eq!(a.offset_of(x).unwrap(), whole.offset_of(y).unwrap());
+        }
+        // A window past the end of the file, and reads past the window's end, fail.
+        assert!(open(100, bytes.len() as u64).is_err());
+        let w = open(100, 10).unwrap();
+        assert!(w.read_exact_at(&mut [0; 4], 8).is_err());
+        std::fs::remove_file(&path).unwrap();
     }
 
     /// A file-like (not memory) archive of `n` small records, as bytes.

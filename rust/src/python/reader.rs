@@ -13,7 +13,9 @@ use pyo3::types::PyBytes;
 use super::buffers::{MappedBuffer, OwnedBuffer};
 use super::errors::at;
 use super::num_threads;
-use crate::container::reader::{Archive, Compression, FileSource, MemorySource, ReadJob, Source};
+use crate::container::reader::{
+    Archive, Compression, FileSource, FileWindow, MemorySource, ReadJob, Source,
+};
 use crate::error::Error;
 use crate::storage::{AlignedBuffer, MappedFile};
 
@@ -105,6 +107,30 @@ impl PyArchive {
         }
     }
 
+    /// `open_file`, or with `window=(start, length)` an archive of those bytes of the
+    /// file (read, never mapped; offsets relative to `start`).
+    fn open_window_or_file(
+        py: Python<'_>,
+        file: File,
+        mmap: bool,
+        shared: bool,
+        defer: bool,
+        window: Option<(u64, u64)>,
+        display: String,
+    ) -> PyResult<Self> {
+        let Some((start, len)) = window else {
+            return Self::open_file(py, file, mmap, shared, defer, display);
+        };
+        if mmap {
+            return Err(PyValueError::new_err(
+                "a window of a file is read, not mapped",
+            ));
+        }
+        let src = FileWindow::new(file, start, len)
+            .map_err(|e| at(&display)(Error::io("opening a window of", e)))?;
+        Self::open_source(py, Box::new(src), display, None, defer)
+    }
+
     fn record(&self, name: &str) -> PyResult<&crate::container::reader::Record> {
         self.archive.require(name).map_err(at(&self.file))
     }
@@ -115,14 +141,17 @@ impl PyArchive {
     /// Opens a checkpoint by path; `mmap=True` maps it copy-on-write. `defer_data=True`
     /// leaves the local headers of `data/` records of an unmapped file unread until a
     /// record's data is first needed (see `Archive::open_deferring_data`).
+    /// `window=(start, length)`: the archive is those bytes of the file (read, never
+    /// mapped), and every offset this archive reports is relative to `start`.
     #[staticmethod]
-    #[pyo3(signature = (path, mmap=false, defer_data=false, shared=false))]
+    #[pyo3(signature = (path, mmap=false, defer_data=false, shared=false, window=None))]
     fn open_path(
         py: Python<'_>,
         path: PathBuf,
         mmap: bool,
         defer_data: bool,
         shared: bool,
+        window: Option<(u64, u64)>,
     ) -> PyResult<Self> {
         let display = path.display().to_string();
         let file = std::fs::OpenOptions::new()
@@ -136,19 +165,20 @@ impl PyArchive {
                 std::io::Error::new(std::io::ErrorKind::IsADirectory, "is a directory"),
             )));
         }
-        Self::open_file(py, file, mmap, shared, defer_data, display)
+        Self::open_window_or_file(py, file, mmap, shared, defer_data, window, display)
     }
 
     /// Opens a checkpoint from a file descriptor the caller keeps: this call reads
     /// through a duplicate of its own and never closes `fd`.
     #[staticmethod]
-    #[pyo3(signature = (fd, display, mmap=false, defer_data=false))]
+    #[pyo3(signature = (fd, display, mmap=false, defer_data=false, window=None))]
     fn open_fd(
         py: Python<'_>,
         fd: i32,
         display: String,
         mmap: bool,
         defer_data: bool,
+        window: Option<(u64, u64)>,
     ) -> PyResult<Self> {
         // F_DUPFD_CLOEXEC fails cleanly (EBADF) for a descriptor that is not open.
         // SAFETY: fcntl only reads its integer arguments.
@@ -163,7 +193,7 @@ impl PyArchive {
         // SAFETY: `own` was just returned by fcntl: a new descriptor nothing else owns;
         // File takes ownership and closes it exactly once.
         let file = unsafe { File::from_raw_fd(own) };
-        Self::open_file(py, file, mmap, false, defer_data, display)
+        Self::open_window_or_file(py, file, mmap, false, defer_data, window, display)
     }
 
     /// Opens a checkpoint held in memory (bytes, bytearray, memoryview).

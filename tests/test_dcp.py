@@ -719,3 +719,101 @@ def test_items_written_through_torch_extensions_load(tmp_path):
     writer = dcp.FileSystemWriter(tmp_path, _extensions=[ZStandard()])
     dcp.save(state.plain_state(0), storage_writer=writer, no_dist=True)
     _assert_plain(_load_plain(FileSystemReader(tmp_path)))
+
+
+# --------------------------------------------------------------------------- review fixes
+
+
+def test_metadata_that_modifies_a_class_is_refused(tmp_path):
+    """A BUILD on an allowed global would set attributes on torch's class for the whole
+    process (every later checkpoint); the scan's refusal stops it before it runs."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+
+    path = _plain_checkpoint(tmp_path / "ckpt")
+    good = (path / ".metadata").read_bytes()
+    assert good[:2] == b"\x80\x04" or good[:1] == b"\x80"
+    proto = good[:2]
+    # GLOBAL _StorageInfo; (None, {'transform_descriptors': ['zzz']}) BUILD POP, then the
+    # real metadata pickle's opcodes (after its PROTO).
+    evil = (
+        proto
+        + b"ctorch.distributed.checkpoint.filesystem\n_StorageInfo\n"
+        + b"N}X\x15\x00\x00\x00transform_descriptors]X\x03\x00\x00\x00zzzas\x86b0"
+        + good[2:]
+    )
+    (path / ".metadata").write_bytes(evil)
+    before = getattr(_StorageInfo, "transform_descriptors", None)
+    with pytest.raises(fastserial.CheckpointError, match="BUILD"):
+        FileSystemReader(path).read_metadata()
+    assert getattr(_StorageInfo, "transform_descriptors", None) == before
+
+
+def test_conjugate_and_negative_bits_load_as_torch_loads_them(tmp_path):
+    sd = {
+        "c": torch.tensor([1 + 2j, 3 - 4j, 5 + 0j]).conj(),
+        "n": torch._neg_view(torch.tensor([1.0, 2.0])),
+    }
+    dcp.save(sd, storage_writer=dcp.FileSystemWriter(tmp_path), no_dist=True)
+    want = {k: torch.zeros_like(v.resolve_conj().resolve_neg()) for k, v in sd.items()}
+    got = {k: v.clone() for k, v in want.items()}
+    dcp.load(want, storage_reader=dcp.FileSystemReader(tmp_path), no_dist=True)
+    dcp.load(got, storage_reader=FileSystemReader(tmp_path), no_dist=True)
+    for k in sd:
+        assert torch.equal(got[k], want[k]) and torch.equal(
+            want[k], sd[k].resolve_conj().resolve_neg()
+        )
+    # A destination that carries the conjugate bit itself is filled through a copy.
+    dst = {"c": torch.zeros(3, dtype=torch.complex64).conj(), "n": torch.zeros(2)}
+    dcp.load(dst, storage_reader=FileSystemReader(tmp_path), no_dist=True)
+    assert torch.equal(dst["c"].resolve_conj(), want["c"])
+
+
+def test_a_rank_local_save_keeps_what_the_collective_metadata_names(tmp_path):
+    _save_plain(FileSystemWriter(tmp_path), version=0)
+    dcp.save(
+        state.plain_state(1),
+        storage_writer=FileSystemWriter(tmp_path),
+        no_dist=True,
+        use_collectives=False,
+    )
+    _assert_plain(_load_plain(FileSystemReader(tmp_path)), version=0)  # .metadata
+    _assert_plain(_load_plain(dcp.FileSystemReader(tmp_path)), version=0)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda md: setattr(md, "planner_data", {"step": 5}), "planner path"),
+        (lambda md: setattr(md, "planner_data", {"step": ("x", 10**9)}), "planner path step"),
+        (
+            lambda md: setattr(md.state_dict_metadata["layer.w"], "size", torch.Size((1 << 40, 8))),
+            "cover|outside",
+        ),
+    ],
+    ids=["path-not-a-tuple", "huge-list-index", "size-beyond-chunks"],
+)
+def test_dcp_to_torch_save_refuses_crafted_metadata(tmp_path, edit, message):
+    path = _plain_checkpoint(tmp_path / "ckpt")
+    _edited_metadata(path, edit)
+    with pytest.raises(fastserial.CheckpointError, match=message):
+        dcp_to_torch_save(path, tmp_path / "out.pt")
+    assert not (tmp_path / "out.pt").exists()
+
+
+@pytest.mark.parametrize("name", [".", "sub/..", "./"])
+def test_shard_paths_naming_the_directory_are_refused(tmp_path, name):
+    path = _plain_checkpoint(tmp_path / "ckpt")
+    _edited_metadata(path, lambda md: setattr(_first_tensor_info(md)[1], "relative_path", name))
+    with pytest.raises(fastserial.CheckpointError, match="outside"):
+        FileSystemReader(path).read_metadata()
+
+
+def test_unknown_stream_extension_is_a_checkpoint_error(tmp_path):
+    path = _plain_checkpoint(tmp_path / "ckpt")
+    _edited_metadata(
+        path, lambda md: setattr(_first_tensor_info(md)[1], "transform_descriptors", ["nope/1"])
+    )
+    with pytest.raises(CheckpointException) as info:
+        _load_plain(FileSystemReader(path))
+    errors = [exc for exc, _ in info.value.failures.values()]
+    assert errors and all(isinstance(e, fastserial.CheckpointError) for e in errors), errors

@@ -83,7 +83,9 @@ class _WithItems:
 
 
 def _tensor_args(t):
-    typed = torch.storage.TypedStorage(wrap_storage=t.untyped_storage(), dtype=t.dtype, _internal=True)
+    typed = torch.storage.TypedStorage(
+        wrap_storage=t.untyped_storage(), dtype=t.dtype, _internal=True
+    )
     return (typed, 0, tuple(t.shape), t.stride(), False, OrderedDict())
 
 
@@ -146,7 +148,9 @@ def test_runtime_error_of_a_rebuild_is_typed_and_still_torchs_runtime_error():
     args = (q.untyped_storage(), 0, (4,), (1,), params, False, OrderedDict())
     for protocol in (2, 4):
         buf = io.BytesIO()
-        torch.save({"q": _WithItems(torch._utils._rebuild_qtensor, args)}, buf, pickle_protocol=protocol)
+        torch.save(
+            {"q": _WithItems(torch._utils._rebuild_qtensor, args)}, buf, pickle_protocol=protocol
+        )
         data = buf.getvalue()
         theirs, ours = _both(data)
         expected = RuntimeError if protocol == 2 else pickle.UnpicklingError

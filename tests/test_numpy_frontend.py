@@ -832,3 +832,30 @@ def test_sha256_helper_matches_manifest_convention():
         hashlib.sha256(arr.tobytes()).hexdigest()
         == expected_for("edge.pt")["items"][2][1]["sha256"]
     )
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_conjugate_and_negative_bits_as_torch_loads_them(tmp_path, legacy):
+    """torch pickles a conjugate or negative view as its stored bytes plus a bit; every
+    front end gives the values torch.load gives (numpy has no such bits: new arrays)."""
+    path = tmp_path / "bits.pt"
+    obj = {
+        "c": torch.tensor([1 + 2j, 3 - 4j]).conj(),
+        "n": torch._neg_view(torch.tensor([1.0, -2.0])),
+        "cn": torch._neg_view(torch.tensor([1 - 1j]).conj()),
+        "plain": torch.tensor([5.0]),
+    }
+    torch.save(obj, path, _use_new_zipfile_serialization=not legacy)
+    want = {k: v.resolve_conj().resolve_neg().numpy() for k, v in torch.load(path).items()}
+    for got in (fsnp.load(path), fsnp.load(path, mmap=True) if not legacy else fsnp.load(path)):
+        assert set(got) == set(want)
+        for k in want:
+            np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+    with fastserial.open(path, framework="numpy") as f:
+        for k in want:
+            np.testing.assert_array_equal(f.get_tensor(k), want[k], err_msg=k)
+    with fastserial.open(path) as f:
+        for k in want:
+            t = f.get_tensor(k)
+            assert (t.is_conj(), t.is_neg()) == (obj[k].is_conj(), obj[k].is_neg()), k
+            np.testing.assert_array_equal(t.resolve_conj().resolve_neg().numpy(), want[k])

@@ -665,3 +665,22 @@ def test_patched_functions_keep_torchs_signatures():
         during = (inspect.signature(torch.save), inspect.signature(torch.load))
         assert torch.load.__defaults__ == ts.load.__defaults__
     assert [list(s.parameters) for s in during] == [list(s.parameters) for s in before]
+
+
+@pytest.mark.parametrize("weights_only", [True, False])
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_eof_error_from_map_location_passes_through(tmp_path, legacy, weights_only):
+    """An EOFError is also what a truncated legacy pickle raises; one that map_location
+    raised is the user's, and reaches the caller unchanged, as from torch.load."""
+    path = tmp_path / "x.pt"
+    torch.save({"t": torch.ones(2)}, path, _use_new_zipfile_serialization=not legacy)
+    raised = []
+
+    def boom(storage, location):
+        raised.append(EOFError("user EOF"))
+        raise raised[-1]
+
+    for load in (torch.load, fastserial.load):
+        with pytest.raises(EOFError) as info:
+            load(path, map_location=boom, weights_only=weights_only)
+        assert info.value is raised[-1], load

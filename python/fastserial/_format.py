@@ -204,11 +204,31 @@ def unpickling_failure(e: BaseException, file: str, where: str) -> Optional[Exce
     raised (``map_location``) through before asking."""
     if isinstance(e, (CheckpointError, pickle.UnpicklingError, RecursionError, MemoryError)):
         return None
-    if isinstance(e, RuntimeError):
-        # torch's RuntimeError from a rebuild the pickle called with bad arguments.
+    if isinstance(e, RuntimeError) and type(e).__name__ != "OutOfMemoryError":
+        # torch's RuntimeError from a rebuild the pickle called with bad arguments (not
+        # torch.OutOfMemoryError: running out of device memory is no fault of the file).
         return WeightsOnlyRuntimeError(f"{file}: weights-only load failed {where}: {e}")
     if isinstance(e, MALFORMED_PICKLE_ERRORS):
         return pickle.UnpicklingError(
             f"{file}: weights-only load failed {where}: {type(e).__name__}: {e}"
         )
     return None
+
+
+def tensor_bits(metadata, is_complex: bool, file: str) -> tuple[bool, bool]:
+    """The ``(conj, neg)`` bits of a tensor rebuild's ``metadata`` argument, as torch's
+    ``set_tensor_metadata`` reads it: nothing when it is empty or None; a mapping of
+    names to bools otherwise (other names are ignored, as torch ignores them)."""
+    if metadata is None:
+        return False, False
+    if not isinstance(metadata, dict):
+        raise pickle.UnpicklingError(f"{file}: tensor metadata is {brief(metadata)}, not a dict")
+    bits = []
+    for name in ("conj", "neg"):
+        value = metadata.get(name, False)
+        if type(value) not in (bool, int):
+            raise pickle.UnpicklingError(f"{file}: tensor metadata {name!r} is {brief(value)}")
+        bits.append(bool(value))
+    if bits[0] and not is_complex:
+        raise CheckpointError(f"{file}: the conjugate bit is set on a tensor that is not complex")
+    return bits[0], bits[1]

@@ -192,6 +192,9 @@ class LazyCheckpoint:
         t = torch.empty((0,), dtype=dtype).set_(
             data.untyped_storage(), info.storage_offset - first, info.shape, info.stride
         )
+        bits = {name: True for name in ("conj", "neg") if getattr(info, name)}
+        if bits:  # torch's bits, set as torch.load sets them
+            torch._utils.set_tensor_metadata(t, bits)
         if info.requires_grad:
             t.requires_grad_(True)
         return t

@@ -185,6 +185,8 @@ class _LegacyLoader(_ZipLoader):
         except (CheckpointError, pickle.UnpicklingError, RecursionError, MemoryError):
             raise
         except EOFError as e:
+            if e is self.user_error:  # from map_location: unchanged
+                raise
             raise CheckpointError(f"{self.file}: the legacy checkpoint ends early: {e}") from e
         except Exception as e:
             if self.weights_only:

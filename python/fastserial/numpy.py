@@ -537,7 +537,9 @@ class TensorInfo:
     """A dense tensor described by the pickle, without its data."""
 
     __slots__ = (
+        "conj",
         "dtype",
+        "neg",
         "parameter",
         "problem",
         "requires_grad",
@@ -555,6 +557,10 @@ class TensorInfo:
         self.stride = tuple(stride)
         self.requires_grad = False
         self.parameter = False
+        #: torch's conjugate and negative bits (the values are the conjugate or the
+        #: negation of the bytes stored)
+        self.conj = False
+        self.neg = False
         self.problem: str | None = None
 
     @property
@@ -978,7 +984,7 @@ class _Reader:
         info = self._storage_info(storage, "_rebuild_tensor_v2")
         dtype = info.dtype or _UINT8
         made = self._tensor(storage, dtype, storage_offset, size, stride, "_rebuild_tensor_v2")
-        return self.factory.finish(made, requires_grad)
+        return self.factory.finish(self._with_bits(made, metadata, dtype), requires_grad)
 
     def rebuild_tensor_v3(
         self,
@@ -994,7 +1000,15 @@ class _Reader:
         if type(dtype) is not TorchDType:
             raise pickle.UnpicklingError(f"{self.file}: _rebuild_tensor_v3 dtype is {dtype!r}")
         made = self._tensor(storage, dtype, storage_offset, size, stride, "_rebuild_tensor_v3")
-        return self.factory.finish(made, requires_grad)
+        return self.factory.finish(self._with_bits(made, metadata, dtype), requires_grad)
+
+    def _with_bits(self, made, metadata, dtype: TorchDType):
+        """The tensor with the conjugate and negative bits of its metadata applied:
+        recorded on a ``TensorInfo``, computed into a new array (numpy has no such bits)."""
+        conj, neg = _format.tensor_bits(metadata, dtype.is_complex, self.file)
+        if not (conj or neg):
+            return made
+        return self.factory.with_bits(made, conj, neg)
 
     def rebuild_tensor(self, storage, storage_offset, size, stride):
         return self.rebuild_tensor_v2(storage, storage_offset, size, stride)
@@ -1082,6 +1096,17 @@ class _ArrayFactory:
     def __init__(self, file: str):
         self.file = file
         self.deferred_swaps: list[tuple[np.ndarray, int]] = []
+        #: (source view, result, conj, neg): filled once the bytes are in
+        self.deferred_bits: list[tuple[np.ndarray, np.ndarray, bool, bool]] = []
+
+    def with_bits(self, made, conj: bool, neg: bool):
+        """A new array that will hold the conjugate and/or negation of ``made``'s
+        values (numpy has no such bits), computed when the storages are filled."""
+        if not isinstance(made, np.ndarray):
+            return made
+        out = np.empty(made.shape, made.dtype)
+        self.deferred_bits.append((made, out, conj, neg))
+        return out
 
     def view_storage(self, root, parent: StorageInfo, info: StorageInfo):
         info.raw = parent.raw[info.parent_offset : info.parent_offset + info.nbytes]
@@ -1109,10 +1134,19 @@ class _ArrayFactory:
         return None
 
     def apply_swaps(self) -> None:
+        """What waits for the storages' bytes: byte swaps, then conjugate and negative
+        bits (on the swapped values)."""
         for raw, size in self.deferred_swaps:
             if raw.nbytes:
                 _native.byteswap(raw, size)
         self.deferred_swaps = []
+        for made, out, conj, neg in self.deferred_bits:
+            np.copyto(out, made)
+            if conj:
+                np.conjugate(out, out=out)
+            if neg:
+                np.negative(out, out=out)
+        self.deferred_bits = []
 
 
 class _ZipArrays(_ArrayFactory):
@@ -1201,6 +1235,11 @@ class _MetaFactory:
     def finish(self, made, requires_grad):
         if type(made) is TensorInfo:
             made.requires_grad = bool(requires_grad)
+        return made
+
+    def with_bits(self, made, conj: bool, neg: bool):
+        if type(made) is TensorInfo:
+            made.conj, made.neg = conj, neg
         return made
 
     def parameter(self, data, requires_grad):
@@ -1549,7 +1588,12 @@ class CheckpointStructure:
     def array(self, t: TensorInfo) -> np.ndarray:
         """``t`` as a numpy array over a fresh buffer holding just its bytes."""
         raw, first = self.read_span(t)
-        return _as_array(raw, t.dtype, t.storage_offset - first, t.shape, t.stride, self.file)
+        arr = _as_array(raw, t.dtype, t.storage_offset - first, t.shape, t.stride, self.file)
+        if t.conj:
+            arr = np.conjugate(arr)
+        if t.neg:
+            arr = np.negative(arr)
+        return arr
 
 
 def read_structure(

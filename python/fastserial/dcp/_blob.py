@@ -282,11 +282,12 @@ def tensor_pickle(dtype, size) -> bytes:
 
 
 def format_records() -> list[tuple[str, bytes]]:
-    """The records torch writes between ``data.pkl`` and the storages."""
-    import torch
+    """The records torch writes between ``data.pkl`` and the storages (those of the
+    installed torch, as ``fastserial.save`` writes them)."""
+    from .._torch_io import _torch_writes_format_records
 
     records = []
-    if hasattr(torch.serialization, "_get_storage_alignment"):  # torch >= 2.7
+    if _torch_writes_format_records():
         records += [(".format_version", b"1"), (".storage_alignment", b"64")]
     records.append(("byteorder", sys.byteorder.encode()))
     return records
@@ -392,7 +393,13 @@ def describe_blob(archive, display: str) -> Optional[TensorRecord]:
         raise CheckpointError(f"{display}: the blob does not load safely: {e}") from e
     try:
         t = s.root
-        if type(t) is not TensorInfo or t.problem is not None or s.byteorder != sys.byteorder:
+        if (
+            type(t) is not TensorInfo
+            or t.problem is not None
+            or t.conj
+            or t.neg
+            or s.byteorder != sys.byteorder
+        ):
             return None
         storage = t.storage
         if storage.record is None or storage.parent is not None:

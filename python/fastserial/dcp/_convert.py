@@ -7,17 +7,11 @@ import os
 from typing import Union
 
 from .. import _fastserial as _native
-from ._blob import TensorPickler, TensorStandIn, format_records, tensor_bytes
+from .._fastserial import CheckpointError
+from .._torch_io import _archive_prefix, _torch_writes_format_records, _write_checkpoint
+from ._blob import TensorPickler, TensorStandIn, tensor_bytes
 from ._reader import FileSystemReader, _ReadEngine, _ReadJob
 from ._writer import FileSystemWriter, default_thread_count
-
-
-def _archive_prefix(path: str) -> str:
-    """The top folder torch names an archive written to ``path``: the file name without
-    its last extension."""
-    base = os.path.basename(path)
-    stem = base.rsplit(".", 1)[0] if "." in base else base
-    return stem or "archive"
 
 
 def _storage_bytes(storage) -> memoryview:
@@ -56,6 +50,7 @@ def dcp_to_torch_save(
     md = reader.read_metadata()
     reader.set_up_storage_reader(md, True)
     planner_data = md.planner_data if isinstance(md.planner_data, dict) else {}
+    display = os.fspath(dcp_checkpoint_dir)
     out = os.fspath(torch_save_path)
     with _ReadEngine(reader._files, default_thread_count(), verify=False) as engine:
         sd: dict = {}
@@ -67,8 +62,11 @@ def dcp_to_torch_save(
             else:
                 data = engine.read_bytes(reader._info(MetadataIndex(fqn)))
                 value = load(io.BytesIO(data), map_location="cpu", weights_only=weights_only)
+            if isinstance(entry, TensorStorageMetadata):
+                _check_tensor_entry(reader, fqn, entry, display)
             if fqn in planner_data:
-                set_element(sd, planner_data[fqn], value)
+                limit = len(md.state_dict_metadata)
+                set_element(sd, _check_path(planner_data[fqn], limit, fqn, display), value)
             else:
                 sd[fqn] = value
         pickled = io.BytesIO()
@@ -78,28 +76,14 @@ def dcp_to_torch_save(
         records.update(pickler.storages)
         entries = {id(v): (fqn, entry) for v, fqn, entry in tensors}
 
-        writer = _native.ArchiveWriter(out, _archive_prefix(out), atomic=True, durable=fsync)
-        try:
-            writer.write_record("data.pkl", pickled.getbuffer())
-            for name, data in format_records():
-                writer.write_record(name, data)
+        def write_storages() -> None:
             for key in sorted(records, key=int):
                 value = records[key]
                 if not isinstance(value, TensorStandIn):
                     writer.write_record(f"data/{key}", _storage_bytes(value))
                     continue
                 fqn, entry = entries[id(value)]
-                numel = 1
-                for s in entry.size:
-                    numel *= s
-                covered = 0
-                for chunk in entry.chunks:
-                    n = 1
-                    for s in chunk.sizes:
-                        n *= s
-                    covered += n
-                make = torch.empty if covered >= numel else torch.zeros
-                tensor = make(entry.size, dtype=entry.properties.dtype)
+                tensor = torch.empty(entry.size, dtype=entry.properties.dtype)
                 jobs = []
                 for chunk in entry.chunks:
                     sinfo = reader._info(MetadataIndex(fqn, chunk.offsets))
@@ -119,12 +103,67 @@ def dcp_to_torch_save(
                 engine.run(jobs)
                 writer.write_record(f"data/{key}", tensor_bytes(tensor))
                 del tensor, jobs
-            writer.write_record("version", b"3\n")
-            writer.write_record(".data/serialization_id", writer.serialization_id().encode())
-            writer.finish(fsync=fsync)
-        except BaseException:
-            writer.abort()
-            raise
+
+        writer = _native.ArchiveWriter(out, _archive_prefix(out), atomic=True, durable=fsync)
+        _write_checkpoint(
+            writer,
+            pickled.getbuffer(),
+            write_storages,
+            byteorder=True,
+            fsync=fsync,
+            format_records=_torch_writes_format_records(),
+        )
+
+
+def _check_tensor_entry(reader, fqn: str, entry, display: str) -> None:
+    """Before a tensor of ``entry.size`` is allocated: its chunks lie inside it, cover it
+    (DCP saves whole tensors), and each is no bigger than the bytes stored for it, so
+    a crafted size cannot allocate more than the checkpoint holds."""
+    from torch.distributed.checkpoint.metadata import MetadataIndex
+
+    itemsize = torch_itemsize(entry.properties.dtype)
+    numel = _volume(entry.size)
+    covered = 0
+    for chunk in entry.chunks:
+        if len(chunk.offsets) != len(entry.size) or any(
+            o + n > s for o, n, s in zip(chunk.offsets, chunk.sizes, entry.size)
+        ):
+            raise CheckpointError(f"{display}: '{fqn}': a chunk lies outside the tensor")
+        n = _volume(chunk.sizes)
+        if n * itemsize > reader._info(MetadataIndex(fqn, chunk.offsets)).length:
+            raise CheckpointError(
+                f"{display}: '{fqn}': a chunk of {n} elements has fewer bytes stored"
+            )
+        covered += n
+    if covered < numel:
+        raise CheckpointError(
+            f"{display}: '{fqn}': its chunks cover {covered} of its {numel} elements"
+        )
+
+
+def _check_path(path, limit: int, fqn: str, display: str) -> tuple:
+    """A ``planner_data`` path: keys (str) and list indices (int) where torch's
+    ``set_element`` puts a value; an index pads a list with None up to it, so it is
+    bounded by the number of values the checkpoint holds."""
+    if not isinstance(path, (tuple, list)) or not path or len(path) > 256:
+        raise CheckpointError(f"{display}: '{fqn}': bad planner path {path!r:.200}")
+    for step in path:
+        if not (type(step) is str or (type(step) is int and 0 <= step <= limit)):
+            raise CheckpointError(f"{display}: '{fqn}': bad planner path step {step!r:.200}")
+    return tuple(path)
+
+
+def _volume(sizes) -> int:
+    n = 1
+    for s in sizes:
+        n *= s
+    return n
+
+
+def torch_itemsize(dtype) -> int:
+    import torch
+
+    return torch.empty(0, dtype=dtype).element_size()
 
 
 def torch_save_to_dcp(

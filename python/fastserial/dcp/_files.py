@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Optional
 
 from .._fastserial import CheckpointError
+from ._metadata import load_metadata
 
 #: fsspec protocols of object stores: no atomic rename, but a single put is atomic.
 _OBJECT_STORES = frozenset(
@@ -294,6 +295,13 @@ def files_for_url(url: Any, storage_options: dict) -> tuple[Any, Any]:
     return FsspecFiles(fs, path, os.fspath(url)), url
 
 
+def _is_metadata_name(name: str) -> bool:
+    """`.metadata`, or a rank-local `__<rank>.metadata`."""
+    if name == ".metadata":
+        return True
+    return name.startswith("__") and name.endswith(".metadata") and name[2:-9].isdigit()
+
+
 def remove_unreferenced(
     files, referenced: set, metadata_name: str, rank_prefix: Optional[str]
 ) -> None:
@@ -305,6 +313,22 @@ def remove_unreferenced(
     except OSError as e:
         warnings.warn(f"could not list {files!r} to remove stale files: {e}", stacklevel=3)
         return
+    # The shard files another committed metadata of this directory names (a
+    # rank-local `__r.metadata` beside `.metadata`, or the reverse) stay too: removing
+    # them would break a checkpoint that is still committed. When one cannot be read,
+    # nothing is removed (what is left costs only disk, until the next save).
+    referenced = set(referenced)
+    for other in names:
+        if other != metadata_name and _is_metadata_name(other):
+            try:
+                md = load_metadata(files.read_all(other), f"{files!r}/{other}")
+            except Exception as e:  # noqa: BLE001 - any failure: keep every file
+                warnings.warn(
+                    f"kept stale files: could not read {other!r} to see what it names: {e}",
+                    stacklevel=3,
+                )
+                return
+            referenced.update(info.relative_path for info in md.storage_data.values())
     tmp_prefix = metadata_tmp_prefix(metadata_name)
     stale = [
         name

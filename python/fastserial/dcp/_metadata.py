@@ -116,7 +116,14 @@ def load_metadata(data: bytes, display: str):
     """Unpickles and checks a ``.metadata`` file's bytes."""
     from torch.distributed.checkpoint.metadata import Metadata
 
-    _native.scan_pickle(data, display)  # memo bounds, malformed opcodes
+    scan = _native.scan_pickle(data, display)  # memo bounds, malformed opcodes
+    if scan["unsafe_opcodes"]:
+        # A BUILD or SETITEM on an imported class would change it for the whole
+        # process (every later checkpoint), whoever reads them.
+        raise CheckpointError(
+            f"{display}: the metadata uses refused pickle opcodes: "
+            f"{', '.join(scan['unsafe_opcodes'])}"
+        )
     try:
         md = _MetadataUnpickler(data, _allowed(), display).load()
     except CheckpointError:
@@ -150,7 +157,7 @@ def safe_relative_path(path, display: str) -> str:
     norm = posixpath.normpath(path.replace("\\", "/"))
     if (
         norm.startswith("/")
-        or norm == ".."
+        or norm in ("..", ".")
         or norm.startswith("../")
         or os.path.isabs(path)
         or (len(path) > 1 and path[1] == ":")

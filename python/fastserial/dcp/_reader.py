@@ -29,9 +29,9 @@ from ._files import LocalFiles, files_for_url
 from ._metadata import load_metadata, safe_relative_path
 from ._writer import _fsspec_validate, default_thread_count
 
-#: Blobs up to this size are read whole in one request.
+#: Blobs of a local file up to this size are read whole in one request while they are
+#: described (their data then comes from memory); blobs on other filesystems always are.
 _SMALL_BLOB = 64 << 10
-#: The head and tail windows read to parse a larger blob.
 #: Bytes of one read; big boxes are split so several threads share them.
 _PIECE = 64 << 20
 #: Requested bytes resolved and read per batch (bounds what a planner may allocate).
@@ -229,6 +229,8 @@ class _ReadEngine:
             and dst.device.type == "cpu"
             and dst.dtype == rec.dtype
             and dst.is_contiguous()
+            and not dst.is_conj()
+            and not dst.is_neg()
         )
         if direct:
             view = tensor_bytes(dst)
@@ -286,6 +288,15 @@ class _ReadEngine:
             raise CheckpointError(
                 f"{job.source.display}@{job.sinfo.offset}: holds a {type(tensor).__name__}, "
                 "not a tensor"
+            )
+        if (
+            tensor.layout != torch.strided
+            or tensor.dim() != len(job.lengths)
+            or any(o + n > s for o, n, s in zip(job.offsets, job.lengths, tensor.shape))
+        ):
+            raise CheckpointError(
+                f"{job.source.display}@{job.sinfo.offset}: holds a {tensor.layout} tensor of "
+                f"size {tuple(tensor.shape)}; the metadata asks for {job.offsets}+{job.lengths}"
             )
         for dim, (o, n) in enumerate(zip(job.offsets, job.lengths)):
             tensor = tensor.narrow(dim, o, n)
@@ -394,6 +405,7 @@ class FileSystemReader(StorageReader):
             if batch:
                 self._read_tensors(engine, batch, planner)
             if transformed:
+                self._check_extensions(transformed)
                 self._read_transformed(transformed, planner)
         fut: Future = Future()
         fut.set_result(None)
@@ -419,6 +431,22 @@ class FileSystemReader(StorageReader):
         engine.run(jobs)
         for req, dst in targets:
             planner.commit_tensor(req, dst)
+
+    def _check_extensions(self, reqs: list) -> None:
+        """Every stream extension the metadata names is one torch's registry knows (an
+        unknown one is a malformed checkpoint, not a ValueError of torch's reader)."""
+        from torch.distributed.checkpoint._extension import ExtensionRegistry
+
+        registry = self._extension_registry or ExtensionRegistry()
+        for req in reqs:
+            descriptors = self._info(req.storage_index).transform_descriptors
+            try:
+                registry.from_descriptor_list(descriptors)
+            except ValueError as e:
+                raise CheckpointError(
+                    f"{self.path}: '{req.storage_index.fqn}' was written through a stream "
+                    f"extension this torch does not have: {e}"
+                ) from e
 
     def _read_transformed(self, reqs: list, planner: LoadPlanner) -> None:
         """Items written through stream extensions: torch's own reader code."""

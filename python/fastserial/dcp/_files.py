@@ -121,7 +121,12 @@ class LocalFiles:
         return os.path.join(self.root, name)
 
     def mkdir(self) -> None:
+        if os.path.isdir(self.root):
+            return
         os.makedirs(self.root, exist_ok=True)
+        # A new checkpoint directory survives a power loss once its parent's entry is
+        # on disk, as its files do once the directory is synced at the commit.
+        _fsync_dir(os.path.dirname(os.path.abspath(self.root)))
 
     def exists(self, name: str) -> bool:
         return os.path.exists(self.join(name))

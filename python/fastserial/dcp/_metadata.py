@@ -182,6 +182,7 @@ def check_metadata(md, display: str) -> None:
     sdm = getattr(md, "state_dict_metadata", None)
     if not isinstance(sdm, dict):
         raise CheckpointError(f"{display}: state_dict_metadata is not a dict")
+    checked: set = set()
     for fqn, entry in sdm.items():
         if not isinstance(fqn, str):
             raise CheckpointError(f"{display}: state dict key {fqn!r} is not a string")
@@ -196,6 +197,11 @@ def check_metadata(md, display: str) -> None:
         size = _sizes(entry.size, "size", where)
         if not isinstance(entry.chunks, list):
             raise CheckpointError(f"{where}: chunks is not a list")
+        # A pickle can name one chunk list from many entries (its memo): each list is
+        # checked once per size, so the work stays proportional to the file.
+        if (id(entry.chunks), size) in checked:
+            continue
+        checked.add((id(entry.chunks), size))
         for chunk in entry.chunks:
             if not isinstance(chunk, ChunkStorageMetadata):
                 raise CheckpointError(f"{where}: bad chunk {chunk!r}")

@@ -435,8 +435,13 @@ class FileSystemReader(StorageReader):
     def _check_extensions(self, reqs: list) -> None:
         """Every stream extension the metadata names is one torch's registry knows (an
         unknown one is a malformed checkpoint, not a ValueError of torch's reader)."""
-        from torch.distributed.checkpoint._extension import ExtensionRegistry
-
+        try:
+            from torch.distributed.checkpoint._extension import ExtensionRegistry
+        except ImportError:  # torch < 2.7 has no stream extensions at all
+            raise CheckpointError(
+                f"{self.path}: '{reqs[0].storage_index.fqn}' was written through a stream "
+                "extension, which this torch does not have"
+            ) from None
         registry = self._extension_registry or ExtensionRegistry()
         for req in reqs:
             descriptors = self._info(req.storage_index).transform_descriptors

@@ -20,15 +20,19 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from torch.distributed.checkpoint.filesystem import (
-    FileSystem,
-    SerializationFormat,
-    _StorageInfo,
-)
+from torch.distributed.checkpoint.filesystem import FileSystem, _StorageInfo
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItemType
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
+
+try:
+    from torch.distributed.checkpoint.filesystem import SerializationFormat
+
+    _TORCH_SAVE = SerializationFormat.TORCH_SAVE
+except ImportError:  # torch < 2.7: the torch.save layout is the only one
+    SerializationFormat = None
+    _TORCH_SAVE = None
 
 from .._fastserial import get_num_threads
 from ._blob import TensorFrame, aligned_blob_offset, crc32, tensor_bytes
@@ -62,7 +66,7 @@ def _refuse_unsupported(cache_staged_state_dict, _extensions, serialization_form
             "fastserial.dcp writers do not support stream _extensions; use "
             "torch.distributed.checkpoint.FileSystemWriter for them"
         )
-    if serialization_format != SerializationFormat.TORCH_SAVE:
+    if serialization_format is not None and serialization_format != _TORCH_SAVE:
         raise ValueError(
             f"fastserial.dcp writes SerializationFormat.TORCH_SAVE only, not {serialization_format}"
         )
@@ -160,7 +164,7 @@ class FileSystemWriter(StorageWriter):
         cache_staged_state_dict: bool = False,
         overwrite: bool = True,
         _extensions=None,
-        serialization_format: SerializationFormat = SerializationFormat.TORCH_SAVE,
+        serialization_format: SerializationFormat = _TORCH_SAVE,
     ) -> None:
         _refuse_unsupported(cache_staged_state_dict, _extensions, serialization_format)
         super().__init__()
@@ -385,7 +389,7 @@ class FsspecWriter(FileSystemWriter):
         cache_staged_state_dict: bool = False,
         overwrite: bool = True,
         _extensions=None,
-        serialization_format: SerializationFormat = SerializationFormat.TORCH_SAVE,
+        serialization_format: SerializationFormat = _TORCH_SAVE,
         **storage_options: Any,
     ) -> None:
         self._storage_options = storage_options

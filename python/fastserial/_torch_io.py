@@ -207,6 +207,11 @@ class _TorchInfo:
         self.empty_strided = torch.empty_strided
         self.frombuffer = torch.frombuffer
         self.from_dlpack, self.dlpack_codes = self._dlpack_codes(torch)
+        #: whether this torch's weights-only unpickler refuses SETITEM(S) on anything
+        #: but a dict, OrderedDict or Counter (torch >= 2.7; 2.6 runs it on any object)
+        self.checks_setitem_target = hasattr(
+            torch._weights_only_unpickler.Unpickler, "_check_set_item_target"
+        )
 
     @classmethod
     def get(cls) -> _TorchInfo:
@@ -1326,6 +1331,8 @@ def _unpickler_class(pickle_module, torch_build: bool = False):
 
         def target(self, opcode: str, kinds: tuple):
             obj = self.stack[-1]
+            if kinds is mappings and not self._loader.info.checks_setitem_target:
+                return obj  # as the installed torch: any target
             if type(obj) not in kinds:
                 names = " or ".join(k.__name__ for k in kinds)
                 raise pickle.UnpicklingError(

@@ -801,7 +801,7 @@ class _ZipLoader:
     def _run(self, data: bytes, lazy: bool, scan: Optional[dict] = None):
         self.storages: dict[str, Any] = {}
         self.factory = self._make_factory() if lazy else None
-        stream = io.BufferedReader(io.BytesIO(data), buffer_size=1 << 20)
+        stream = _format.pickle_stream(data)
         unpickler = _unpickler_class(
             self.pickle_module, torch_build=self.builds_like_torch and not lazy
         )(stream, loader=self, **self.pickle_load_args)

@@ -171,7 +171,7 @@ class _LegacyLoader(_ZipLoader):
         self.builds_like_torch = self.weights_only and (
             scan["builds"] > 0 or scan["untyped_mutations"] > 0
         )
-        return io.BufferedReader(io.BytesIO(data[:end]), buffer_size=1 << 20)
+        return _format.pickle_stream(data[:end])
 
     def unpickle(self, stream, persistent_load=None):
         pickled = self._next_pickle(stream)

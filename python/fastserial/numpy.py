@@ -1336,9 +1336,7 @@ def _zip_byteorder(archive, file: str) -> str:
     return _assumed_byteorder()
 
 
-def _pickle_stream(data: bytes) -> io.BufferedReader:
-    # BufferedReader gives the C unpickler peek(), which makes it much faster than BytesIO.
-    return io.BufferedReader(io.BytesIO(data), buffer_size=1 << 20)
+_pickle_stream = _format.pickle_stream
 
 
 def _load_zip(opened: _Opened, mode: str, mmap: bool, encoding: str, verify: bool):

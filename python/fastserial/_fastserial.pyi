@@ -77,6 +77,24 @@ class Archive:
     def release(self, name: str) -> None: ...
     def verify(self, names: Optional[Sequence[str]] = None) -> list[tuple[str, str]]: ...
 
+class BlobFrame:
+    """The zip around one record whose data the caller writes itself: ``head``, the
+    data, then ``tail(crc)``; byte for byte what ArchiveWriter writes."""
+
+    def __init__(
+        self,
+        prefix: str,
+        before: Sequence[tuple[str, bytes]],
+        name: str,
+        size: int,
+        after: Sequence[tuple[str, bytes]],
+    ) -> None: ...
+    @property
+    def head(self) -> bytes: ...
+    @property
+    def length(self) -> int: ...
+    def tail(self, crc: int) -> bytes: ...
+
 class ArchiveWriter:
     """Streams a checkpoint to a path (atomically replaced) or a file-like object."""
 

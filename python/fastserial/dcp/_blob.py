@@ -2,20 +2,18 @@
 
 DCP's shard files are sequences of such blobs (torch's ``FileSystemWriter`` calls
 ``torch.save(tensor, stream)`` once per item). This module frames a blob without
-assembling it in memory (:class:`TensorFrame`: the bytes before the tensor data and
-the bytes after it, so the data itself goes straight from the tensor to the file), and
-reads one back (:func:`parse_tensor_blob`) from a few small byte ranges: the zip
-directory at its end and ``data.pkl`` at its start. The framing is byte for byte the
-one torch (and ``fastserial.save``) writes, except ``.data/serialization_id``.
+assembling it in memory (:class:`TensorFrame`, over the native archive writer's
+``BlobFrame``: the bytes before the tensor data and the bytes after it, so the data
+itself goes straight from the tensor to the file), and describes one from the native
+archive reader and the strict decoder (:func:`describe_blob`). The framing is byte for
+byte the one torch (and ``fastserial.save``) writes, except ``.data/serialization_id``.
 """
 
 from __future__ import annotations
 
 import collections
 import io
-import os
 import pickle
-import struct
 import sys
 import zlib
 from dataclasses import dataclass
@@ -26,29 +24,8 @@ from .._fastserial import CheckpointError
 
 #: Tensor data is placed at multiples of this in shard files (page and O_DIRECT size).
 DATA_ALIGNMENT = 4096
-#: torch's alignment of record data inside a zip (``.storage_alignment``).
-RECORD_ALIGNMENT = 64
 #: The top folder torch gives an archive written to a stream.
 PREFIX = "archive"
-
-_LOCAL_SIG = 0x04034B50
-_CENTRAL_SIG = 0x02014B50
-_EOCD_SIG = 0x06054B50
-_ZIP64_EOCD_SIG = 0x06064B50
-_ZIP64_LOCATOR_SIG = 0x07064B50
-_DESCRIPTOR_SIG = 0x08074B50
-_FLAGS = (1 << 3) | (1 << 11)  # data descriptor, UTF-8 names: what torch writes
-_ZIP64_EXTRA = 0x0001
-_PADDING_EXTRA = 0x4246  # "FB"
-_ZIP64_VERSION_MADE_BY = 0x031E
-_ZIP64_VERSION_NEEDED = 0x002D
-_U32_MAX = 0xFFFFFFFF
-
-_LOCAL = struct.Struct("<IHHHHHIIIHH")
-_CENTRAL = struct.Struct("<IHHHHHHIIIHHHHHII")
-_EOCD = struct.Struct("<IHHHHIIH")
-_ZIP64_EOCD = struct.Struct("<IQHHIIQQQQ")
-_ZIP64_LOCATOR = struct.Struct("<IIQI")
 
 
 def crc32(data) -> int:
@@ -69,99 +46,6 @@ def tensor_bytes(t) -> memoryview:
     if t.numel() == 0:
         return memoryview(bytearray())
     return memoryview(t.detach().reshape(-1).view(torch.uint8).numpy())
-
-
-def _needs_zip64(size: int, offset: int) -> bool:
-    return size >= _U32_MAX or offset >= _U32_MAX
-
-
-def _zip64_body(size: int, offset: int) -> bytes:
-    body = b""
-    if size >= _U32_MAX:
-        body += struct.pack("<QQ", size, size)
-    if offset >= _U32_MAX:
-        body += struct.pack("<Q", offset)
-    return body
-
-
-def _local_header(name: bytes, size: int, offset: int) -> bytes:
-    """torch's local header: sizes in the data descriptor, zip64 extra when needed, and
-    an ``FB`` padding extra that puts the data on a 64-byte boundary."""
-    zip64 = _needs_zip64(size, offset)
-    z64 = b""
-    if zip64:
-        body = _zip64_body(size, offset)
-        z64 = struct.pack("<HH", _ZIP64_EXTRA, len(body)) + body
-    start = offset + _LOCAL.size + len(name) + len(z64) + 4
-    padding = -start % RECORD_ALIGNMENT
-    extra = z64 + struct.pack("<HH", _PADDING_EXTRA, padding) + b"Z" * padding
-    version = _ZIP64_VERSION_NEEDED if zip64 else 0
-    head = _LOCAL.pack(_LOCAL_SIG, version, _FLAGS, 0, 0, 0, 0, 0, 0, len(name), len(extra))
-    return head + name + extra
-
-
-def _descriptor(crc: int, size: int, offset: int) -> bytes:
-    if _needs_zip64(size, offset):
-        return struct.pack("<IIQQ", _DESCRIPTOR_SIG, crc, size, size)
-    return struct.pack("<IIII", _DESCRIPTOR_SIG, crc, size, size)
-
-
-def _central_entry(name: bytes, crc: int, size: int, offset: int) -> bytes:
-    zip64 = _needs_zip64(size, offset)
-    extra = b""
-    if zip64:
-        body = _zip64_body(size, offset)
-        extra = struct.pack("<HH", _ZIP64_EXTRA, len(body)) + body
-    size32 = min(size, _U32_MAX)
-    head = _CENTRAL.pack(
-        _CENTRAL_SIG,
-        0,
-        _ZIP64_VERSION_NEEDED if zip64 else 0,
-        _FLAGS,
-        0,
-        0,
-        0,
-        crc,
-        size32,
-        size32,
-        len(name),
-        len(extra),
-        0,
-        0,
-        0,
-        0,
-        min(offset, _U32_MAX),
-    )
-    return head + name + extra
-
-
-def _end_records(count: int, cd_offset: int, cd_size: int) -> bytes:
-    zip64_at = cd_offset + cd_size
-    return (
-        _ZIP64_EOCD.pack(
-            _ZIP64_EOCD_SIG,
-            _ZIP64_EOCD.size - 12,
-            _ZIP64_VERSION_MADE_BY,
-            _ZIP64_VERSION_NEEDED,
-            0,
-            0,
-            count,
-            count,
-            cd_size,
-            cd_offset,
-        )
-        + _ZIP64_LOCATOR.pack(_ZIP64_LOCATOR_SIG, 0, zip64_at, 1)
-        + _EOCD.pack(
-            _EOCD_SIG,
-            0,
-            0,
-            min(count, 0xFFFF),
-            min(count, 0xFFFF),
-            min(cd_size, _U32_MAX),
-            min(cd_offset, _U32_MAX),
-            0,
-        )
-    )
 
 
 # --------------------------------------------------------------------------- data.pkl
@@ -294,61 +178,24 @@ def format_records() -> list[tuple[str, bytes]]:
 
 
 class TensorFrame:
-    """The zip around one tensor's data: ``head`` (``data.pkl``, the format records, the
-    local header of ``data/0``), then ``nbytes`` of data, then :meth:`tail` (the data
-    descriptor, ``version``, ``.data/serialization_id``, the directory)."""
+    """The zip around one tensor's data, as ``torch.save`` (and ``fastserial.save``)
+    writes it, framed by fastserial's archive writer: ``head`` (``data.pkl``, the
+    format records, the local header of ``data/0``), then ``nbytes`` of data, then
+    :meth:`tail` (the data descriptor, ``version``, ``.data/serialization_id``, the
+    directory)."""
 
-    __slots__ = ("head", "nbytes", "length", "_central", "_crc_of_crcs", "_data_header_at")
+    __slots__ = ("_frame", "head", "length", "nbytes")
 
     def __init__(self, dtype, size, nbytes: int) -> None:
+        before = [("data.pkl", tensor_pickle(dtype, size)), *format_records()]
+        self._frame = _native.BlobFrame(PREFIX, before, "data/0", nbytes, [("version", b"3\n")])
+        self.head = self._frame.head
+        self.length = self._frame.length
         self.nbytes = nbytes
-        parts = []
-        central = []
-        crcs = 0
-        pos = 0
-        records = [("data.pkl", tensor_pickle(dtype, size)), *format_records()]
-        for name, data in records:
-            full = f"{PREFIX}/{name}".encode()
-            crc = zlib.crc32(data)
-            header = _local_header(full, len(data), pos)
-            parts += [header, data, _descriptor(crc, len(data), pos)]
-            central.append((full, crc, len(data), pos))
-            crcs = zlib.crc32(struct.pack("<I", crc), crcs)
-            pos += len(header) + len(data) + len(parts[-1])
-        data_name = f"{PREFIX}/data/0".encode()
-        self._data_header_at = pos
-        parts.append(_local_header(data_name, nbytes, pos))
-        self.head = b"".join(parts)
-        self._central = central
-        self._crc_of_crcs = crcs
-        self.length = len(self.head) + nbytes + len(self.tail(0))
 
     def tail(self, data_crc: int) -> bytes:
         """Everything after the data, once its CRC is known."""
-        central = list(self._central)
-        data_at = self._data_header_at
-        pos = len(self.head) + self.nbytes
-        parts = [_descriptor(data_crc, self.nbytes, data_at)]
-        pos += len(parts[-1])
-        central.append((f"{PREFIX}/data/0".encode(), data_crc, self.nbytes, data_at))
-        crcs = zlib.crc32(struct.pack("<I", data_crc), self._crc_of_crcs)
-        version = b"3\n"
-        for name, data in (("version", version), (".data/serialization_id", None)):
-            if data is None:
-                # fastserial.save's id: a digest of the records' CRCs, then 20 random digits.
-                rand = int.from_bytes(os.urandom(8), "little") % 10**20
-                data = f"{crcs:020d}{rand:020d}".encode()
-            full = f"{PREFIX}/{name}".encode()
-            crc = zlib.crc32(data)
-            header = _local_header(full, len(data), pos)
-            desc = _descriptor(crc, len(data), pos)
-            parts += [header, data, desc]
-            central.append((full, crc, len(data), pos))
-            crcs = zlib.crc32(struct.pack("<I", crc), crcs)
-            pos += len(header) + len(data) + len(desc)
-        cd = b"".join(_central_entry(*c) for c in central)
-        parts += [cd, _end_records(len(central), pos, len(cd))]
-        return b"".join(parts)
+        return self._frame.tail(data_crc)
 
 
 def aligned_blob_offset(cursor: int, head_len: int) -> int:

@@ -9,6 +9,16 @@ use std::io::Write;
 use super::spec::*;
 use crate::error::{Error, Result};
 
+/// A record begun by `ArchiveWriter::begin_external_record`, whose data the caller
+/// writes.
+#[derive(Clone, Debug)]
+pub struct ExternalRecord {
+    full: String,
+    header_offset: u64,
+    size: u64,
+}
+
+#[derive(Clone)]
 struct CentralRecord {
     name: String,
     crc32: u32,
@@ -17,6 +27,7 @@ struct CentralRecord {
 }
 
 /// Writes records one after another, then the directory on `finish`.
+#[derive(Clone)]
 pub struct ArchiveWriter<W: Write> {
     out: W,
     pos: u64,
@@ -55,6 +66,11 @@ impl<W: Write> ArchiveWriter<W> {
         self.pos
     }
 
+    /// The output, as written so far (no directory).
+    pub fn into_inner(self) -> W {
+        self.out
+    }
+
     fn emit(&mut self, bytes: &[u8], what: &str) -> Result<()> {
         self.out
             .write_all(bytes)
@@ -65,17 +81,7 @@ impl<W: Write> ArchiveWriter<W> {
 
     /// Writes one record; its CRC is computed here (on a second thread for big data).
     pub fn write_record(&mut self, name: &str, data: &[u8]) -> Result<()> {
-        let full = format!("{}/{}", self.prefix, name);
-        if full.len() > u16::MAX as usize {
-            // The zip headers hold a name's length in 16 bits.
-            return Err(Error::Usage(format!(
-                "record name of {} bytes: a zip record name is at most 65535 bytes",
-                full.len()
-            )));
-        }
-        let header = local_header(&full, data.len() as u64, self.pos);
-        let header_offset = self.pos;
-        self.emit(&header, &full)?;
+        let (full, header_offset) = self.begin_record(name, data.len() as u64)?;
         let crc = if data.len() >= PARALLEL_CRC_THRESHOLD {
             let out = &mut self.out;
             let (crc, written) = std::thread::scope(|s| {
@@ -90,7 +96,45 @@ impl<W: Write> ArchiveWriter<W> {
             self.emit(data, &full)?;
             crc32(data)
         };
-        let size = data.len() as u64;
+        self.end_record(full, header_offset, data.len() as u64, crc)
+    }
+
+    /// Writes the local header of a record whose `size` bytes of data the caller puts
+    /// in the output itself, right after what this writer has written so far: they
+    /// are counted, not written. `end_external_record` then writes the record's data
+    /// descriptor with their CRC. (A shard file of a distributed checkpoint frames
+    /// each tensor this way and writes the data from the tensor at its offset.)
+    pub fn begin_external_record(&mut self, name: &str, size: u64) -> Result<ExternalRecord> {
+        let (full, header_offset) = self.begin_record(name, size)?;
+        self.pos += size;
+        Ok(ExternalRecord {
+            full,
+            header_offset,
+            size,
+        })
+    }
+
+    /// Ends a record begun by `begin_external_record`, its data's CRC32 being `crc`.
+    pub fn end_external_record(&mut self, record: ExternalRecord, crc: u32) -> Result<()> {
+        self.end_record(record.full, record.header_offset, record.size, crc)
+    }
+
+    fn begin_record(&mut self, name: &str, size: u64) -> Result<(String, u64)> {
+        let full = format!("{}/{}", self.prefix, name);
+        if full.len() > u16::MAX as usize {
+            // The zip headers hold a name's length in 16 bits.
+            return Err(Error::Usage(format!(
+                "record name of {} bytes: a zip record name is at most 65535 bytes",
+                full.len()
+            )));
+        }
+        let header = local_header(&full, size, self.pos);
+        let header_offset = self.pos;
+        self.emit(&header, &full)?;
+        Ok((full, header_offset))
+    }
+
+    fn end_record(&mut self, full: String, header_offset: u64, size: u64, crc: u32) -> Result<()> {
         let mut desc = Vec::with_capacity(DATA_DESCRIPTOR_SIZE64);
         desc.put_u32(DATA_DESCRIPTOR_SIGNATURE);
         desc.put_u32(crc);
@@ -267,6 +311,31 @@ fn random_u64() -> u64 {
 mod tests {
     use super::*;
     use crate::container::spec::Le;
+
+    #[test]
+    fn an_external_record_frames_data_written_elsewhere_byte_for_byte() {
+        let data: Vec<u8> = (0..1000u32).map(|i| (i * 7) as u8).collect();
+        let mut whole = ArchiveWriter::new(Vec::new(), "archive");
+        whole.write_record("data.pkl", b"pickle").unwrap();
+        whole.write_record("data/0", &data).unwrap();
+        whole.write_record("version", b"3\n").unwrap();
+        let whole = whole.finish().unwrap();
+
+        let mut framed = ArchiveWriter::new(Vec::new(), "archive");
+        framed.write_record("data.pkl", b"pickle").unwrap();
+        let rec = framed
+            .begin_external_record("data/0", data.len() as u64)
+            .unwrap();
+        let head = framed.out.len();
+        framed.end_external_record(rec, crc32(&data)).unwrap();
+        framed.write_record("version", b"3\n").unwrap();
+        let framed = framed.finish().unwrap();
+        let mut joined = framed[..head].to_vec();
+        joined.extend_from_slice(&data);
+        joined.extend_from_slice(&framed[head..]);
+        assert_eq!(joined, whole);
+        assert_eq!(head % 64, 0, "the data starts on torch's 64-byte alignment");
+    }
 
     /// Parses a local header's zip64 extra, returning (size, offset) when present.
     fn zip64_fields(h: &[u8], name_len: usize) -> (Option<u64>, Option<u64>, usize) {

@@ -107,6 +107,7 @@ fn _fastserial(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("TEMP_MARKER", crate::atomic::TEMP_MARKER)?;
     m.add_class::<reader::PyArchive>()?;
     m.add_class::<writer::PyArchiveWriter>()?;
+    m.add_class::<writer::PyBlobFrame>()?;
     m.add_class::<buffers::MappedBuffer>()?;
     m.add_class::<buffers::OwnedBuffer>()?;
     m.add_class::<factory::TensorFactory>()?;

@@ -339,3 +339,88 @@ impl PyArchiveWriter {
         self.target = None;
     }
 }
+
+/// The zip around one record whose data the caller writes itself (a tensor of a
+/// distributed checkpoint's shard file, written from its memory at its offset):
+/// `head` (the records `before`, then the local header of `name`), the `size` data
+/// bytes, then `tail(crc)` (the data descriptor, the records `after`,
+/// `.data/serialization_id` and the directory). Together they are byte for byte the
+/// archive `ArchiveWriter` writes for the same records.
+#[pyclass(name = "BlobFrame", module = "fastserial._fastserial", frozen)]
+pub struct PyBlobFrame {
+    head: Py<PyBytes>,
+    /// The writer just after the local header of `name` (its output is `head`).
+    writer: crate::container::writer::ArchiveWriter<Vec<u8>>,
+    record: crate::container::writer::ExternalRecord,
+    after: Vec<(String, Vec<u8>)>,
+    size: u64,
+    tail_len: usize,
+}
+
+impl PyBlobFrame {
+    fn tail_bytes(&self, crc: u32) -> crate::error::Result<Vec<u8>> {
+        let head_len = (self.writer.position() - self.size) as usize;
+        let mut w = self.writer.clone();
+        w.end_external_record(self.record.clone(), crc)?;
+        for (name, data) in &self.after {
+            w.write_record(name, data)?;
+        }
+        let id = w.serialization_id();
+        w.write_record(".data/serialization_id", id.as_bytes())?;
+        let mut out = w.finish()?;
+        Ok(out.split_off(head_len))
+    }
+}
+
+#[pymethods]
+impl PyBlobFrame {
+    #[new]
+    #[pyo3(signature = (prefix, before, name, size, after))]
+    fn new(
+        py: Python<'_>,
+        prefix: &str,
+        before: Vec<(String, Vec<u8>)>,
+        name: &str,
+        size: u64,
+        after: Vec<(String, Vec<u8>)>,
+    ) -> PyResult<Self> {
+        let display = "<blob frame>";
+        let mut writer = crate::container::writer::ArchiveWriter::new(Vec::new(), prefix);
+        for (n, d) in &before {
+            writer.write_record(n, d).map_err(at(display))?;
+        }
+        let record = writer
+            .begin_external_record(name, size)
+            .map_err(at(display))?;
+        let head = PyBytes::new(py, &writer.clone().into_inner()).unbind();
+        let mut frame = PyBlobFrame {
+            head,
+            writer,
+            record,
+            after,
+            size,
+            tail_len: 0,
+        };
+        frame.tail_len = frame.tail_bytes(0).map_err(at(display))?.len();
+        Ok(frame)
+    }
+
+    /// Everything before the data.
+    #[getter]
+    fn head(&self, py: Python<'_>) -> Py<PyBytes> {
+        self.head.clone_ref(py)
+    }
+
+    /// The whole archive's length: head, data and tail.
+    #[getter]
+    fn length(&self, py: Python<'_>) -> u64 {
+        self.head.bind(py).as_bytes().len() as u64 + self.size + self.tail_len as u64
+    }
+
+    /// Everything after the data, once its CRC32 is known (a fresh serialization id
+    /// each call).
+    fn tail<'py>(&self, py: Python<'py>, crc: u32) -> PyResult<Bound<'py, PyBytes>> {
+        let out = self.tail_bytes(crc).map_err(at("<blob frame>"))?;
+        Ok(PyBytes::new(py, &out))
+    }
+}
